@@ -1,0 +1,443 @@
+// Package file is the local key file provider: a Tink keyset of AES-256-GCM
+// key versions in one JSON file, managed by `kmsctl keys`, followed by every
+// plugin that reads the file.
+//
+// Tink (github.com/tink-crypto/tink-go/v2, the maintained successor of
+// github.com/google/tink/go) manages the keyset: key generation, unique key
+// IDs, enabled/disabled status, and the primary, with its rules enforced as
+// refusals. Sealing uses the Go standard library's random-nonce AES-256-GCM
+// behind a small seam (newAEAD), because tink-go's AEAD refuses to run in
+// FIPS 140-3 mode (GODEBUG=fips140=only) while the standard library's is a
+// validated module. The key_id ("file:<keyset name>/<tink key id>") is the
+// associated data, so a ciphertext cannot be replayed under another key_id.
+//
+// A Provider is safe for concurrent use. Its state is an immutable snapshot
+// swapped atomically, so Encrypt reads the primary key and its key_id from
+// one snapshot and never races a concurrent promote.
+package file
+
+import (
+	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/tink-crypto/tink-go/v2/aead"
+	"github.com/tink-crypto/tink-go/v2/insecurecleartextkeyset"
+	"github.com/tink-crypto/tink-go/v2/keyset"
+	gcmpb "github.com/tink-crypto/tink-go/v2/proto/aes_gcm_go_proto"
+	tinkpb "github.com/tink-crypto/tink-go/v2/proto/tink_go_proto"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kms-v2/kms-plugin/providers"
+)
+
+// Backend is the key_id prefix of this provider.
+const Backend = "file"
+
+// formatV1 is the first byte of every ciphertext: nonce (12) || GCM
+// ciphertext || tag (16) follow. A new format gets a new byte.
+const formatV1 = 0x01
+
+const aesGCMTypeURL = "type.googleapis.com/google.crypto.tink.AesGcmKey"
+
+// newAEAD is the cipher seam: the standard library's AES-256-GCM with a
+// random 96-bit nonce prepended by Seal.
+var newAEAD = func(key []byte) (cipher.AEAD, error) {
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCMWithRandomNonce(block)
+}
+
+// Provider serves one keyset file. Create it with New.
+type Provider struct {
+	path   string
+	logger hclog.Logger
+	state  atomic.Pointer[state]
+	// reload serializes refreshes so a burst of unknown key_ids reads the
+	// file once.
+	reload sync.Mutex
+}
+
+// state is one immutable snapshot of the keyset.
+type state struct {
+	name    string
+	primary *keyEntry
+	keys    map[string]*keyEntry // by key_id
+	order   []*keyEntry          // creation order
+	stamp   fileStamp
+}
+
+type keyEntry struct {
+	keyID   string
+	tinkID  uint32
+	enabled bool
+	created time.Time
+	aead    cipher.AEAD
+}
+
+var (
+	_ providers.Provider  = (*Provider)(nil)
+	_ providers.Rotator   = (*Provider)(nil)
+	_ providers.Refresher = (*Provider)(nil)
+)
+
+// New opens the keyset file named by cfg. It fails when the file is missing
+// (create it with `kmsctl keys init`), readable by group or others, or not a
+// valid keyset.
+func New(_ context.Context, cfg Config, logger hclog.Logger) (*Provider, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("file provider: %w", err)
+	}
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	p := &Provider{path: cfg.Path, logger: logger.Named("file")}
+	l, err := readKeyset(cfg.Path)
+	if err != nil {
+		return nil, fmt.Errorf("file provider: %w", err)
+	}
+	st, err := buildState(l)
+	if err != nil {
+		return nil, fmt.Errorf("file provider: keyset %s: %w", cfg.Path, err)
+	}
+	p.state.Store(st)
+	p.logger.Info("keyset loaded", "path", cfg.Path, "primary_key_id", st.primary.keyID, "versions", len(st.order))
+	return p, nil
+}
+
+// Init creates the keyset file with one primary key. It refuses to replace
+// an existing file.
+func Init(_ context.Context, cfg Config, logger hclog.Logger) (providers.KeyVersion, error) {
+	if err := cfg.Validate(); err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("file provider: %w", err)
+	}
+	unlock, err := lockDir(cfg.Path)
+	if err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
+	}
+	defer unlock()
+	if _, err := os.Lstat(cfg.Path); err == nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: keyset %s already exists; use `kmsctl keys create` to add a version: %w", cfg.Path, providers.ErrRefused)
+	}
+	name, err := newName()
+	if err != nil {
+		return providers.KeyVersion{}, err
+	}
+	m := keyset.NewManager()
+	id, err := m.Add(aead.AES256GCMKeyTemplate())
+	if err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
+	}
+	if err := m.SetPrimary(id); err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
+	}
+	h, err := m.Handle()
+	if err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
+	}
+	now := time.Now().UTC().Truncate(time.Second)
+	doc := document{Name: name, Created: map[string]time.Time{idString(id): now}}
+	data, err := encode(doc, h)
+	if err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
+	}
+	if err := writeAtomic(cfg.Path, data); err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
+	}
+	v := providers.KeyVersion{KeyID: keyID(name, id), State: providers.StatePrimary, Created: now}
+	if logger != nil {
+		logger.Info("keyset created", "path", cfg.Path, "key_id", v.KeyID)
+	}
+	return v, nil
+}
+
+func idString(id uint32) string { return strconv.FormatUint(uint64(id), 10) }
+
+func keyID(name string, id uint32) string { return Backend + ":" + name + "/" + idString(id) }
+
+// buildState turns a parsed keyset into a snapshot, validating every key.
+func buildState(l *loaded) (*state, error) {
+	ks := insecurecleartextkeyset.KeysetMaterial(l.handle)
+	st := &state{name: l.doc.Name, keys: map[string]*keyEntry{}, stamp: l.stamp}
+	for _, k := range ks.GetKey() {
+		if k.GetStatus() == tinkpb.KeyStatusType_DESTROYED {
+			continue
+		}
+		kd := k.GetKeyData()
+		if kd.GetTypeUrl() != aesGCMTypeURL {
+			return nil, fmt.Errorf("key %d has type %s; only AES-GCM keys are supported", k.GetKeyId(), kd.GetTypeUrl())
+		}
+		var gk gcmpb.AesGcmKey
+		if err := proto.Unmarshal(kd.GetValue(), &gk); err != nil {
+			return nil, fmt.Errorf("key %d: %v", k.GetKeyId(), err)
+		}
+		if len(gk.GetKeyValue()) != 32 {
+			return nil, fmt.Errorf("key %d is AES-%d; only AES-256 keys are supported", k.GetKeyId(), 8*len(gk.GetKeyValue()))
+		}
+		a, err := newAEAD(gk.GetKeyValue())
+		if err != nil {
+			return nil, fmt.Errorf("key %d: %v", k.GetKeyId(), err)
+		}
+		e := &keyEntry{
+			keyID:   keyID(l.doc.Name, k.GetKeyId()),
+			tinkID:  k.GetKeyId(),
+			enabled: k.GetStatus() == tinkpb.KeyStatusType_ENABLED,
+			created: l.doc.Created[idString(k.GetKeyId())],
+			aead:    a,
+		}
+		st.keys[e.keyID] = e
+		st.order = append(st.order, e)
+		if k.GetKeyId() == ks.GetPrimaryKeyId() {
+			st.primary = e
+		}
+	}
+	if st.primary == nil || !st.primary.enabled {
+		return nil, errors.New("keyset has no enabled primary key")
+	}
+	sort.SliceStable(st.order, func(i, j int) bool { return st.order[i].created.Before(st.order[j].created) })
+	return st, nil
+}
+
+// Encrypt seals a 32-byte seed with the primary key.
+func (p *Provider) Encrypt(_ context.Context, plaintext []byte) (providers.Sealed, error) {
+	if len(plaintext) != providers.SeedSize {
+		return providers.Sealed{}, fmt.Errorf("encrypt: plaintext is %d bytes, want %d: %w", len(plaintext), providers.SeedSize, providers.ErrInvalidInput)
+	}
+	k := p.state.Load().primary
+	out := make([]byte, 1, 1+12+len(plaintext)+16)
+	out[0] = formatV1
+	out = k.aead.Seal(out, nil, plaintext, []byte(k.keyID))
+	return providers.Sealed{KeyID: k.keyID, Ciphertext: out}, nil
+}
+
+// Decrypt opens a ciphertext made by Encrypt under any enabled version.
+func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, error) {
+	k, err := p.lookup(ctx, s.KeyID)
+	if err != nil {
+		return nil, fmt.Errorf("decrypt: %w", err)
+	}
+	if len(s.Ciphertext) > providers.MaxCiphertextSize || len(s.Ciphertext) < 1+12+16 || s.Ciphertext[0] != formatV1 {
+		return nil, fmt.Errorf("decrypt: malformed ciphertext for %s: %w", s.KeyID, providers.ErrInvalidCiphertext)
+	}
+	pt, err := k.aead.Open(nil, nil, s.Ciphertext[1:], []byte(k.keyID))
+	if err != nil {
+		return nil, fmt.Errorf("decrypt: authentication failed for %s: %w", s.KeyID, providers.ErrInvalidCiphertext)
+	}
+	return pt, nil
+}
+
+// lookup finds an enabled key by key_id, refreshing once on a miss.
+func (p *Provider) lookup(ctx context.Context, id string) (*keyEntry, error) {
+	kid, err := providers.ParseKeyID(id)
+	if err != nil {
+		return nil, err
+	}
+	if kid.Backend != Backend {
+		return nil, fmt.Errorf("key_id %s belongs to backend %q, not %q: %w", id, kid.Backend, Backend, providers.ErrKeyNotFound)
+	}
+	k, ok := p.state.Load().keys[id]
+	if !ok {
+		if err := p.Refresh(ctx); err != nil {
+			p.logger.Warn("refresh after unknown key_id failed", "key_id", id, "error", err)
+		}
+		k, ok = p.state.Load().keys[id]
+	}
+	if !ok {
+		return nil, fmt.Errorf("%s: %w", id, providers.ErrKeyNotFound)
+	}
+	if !k.enabled {
+		return nil, fmt.Errorf("%s: %w", id, providers.ErrKeyDisabled)
+	}
+	return k, nil
+}
+
+// PrimaryKeyID returns the primary's key_id from the current snapshot.
+func (p *Provider) PrimaryKeyID(context.Context) (string, error) {
+	return p.state.Load().primary.keyID, nil
+}
+
+// Check reports whether the keyset file is still present, private and
+// valid; it reloads the file when it changed.
+func (p *Provider) Check(ctx context.Context) error {
+	return p.Refresh(ctx)
+}
+
+// Refresh reloads the keyset when the file changed since the last load. On
+// error the previous snapshot stays in use.
+func (p *Provider) Refresh(context.Context) error {
+	p.reload.Lock()
+	defer p.reload.Unlock()
+	fi, err := os.Stat(p.path)
+	if err != nil {
+		return fmt.Errorf("refresh: %w: %w", err, providers.ErrUnavailable)
+	}
+	if err := checkMode(p.path, fi); err != nil {
+		return fmt.Errorf("refresh: %w: %w", err, providers.ErrPermissionDenied)
+	}
+	old := p.state.Load()
+	if stampOf(fi) == old.stamp {
+		return nil
+	}
+	l, err := readKeyset(p.path)
+	if err != nil {
+		return fmt.Errorf("refresh: %w: %w", err, providers.ErrUnavailable)
+	}
+	st, err := buildState(l)
+	if err != nil {
+		return fmt.Errorf("refresh: keyset %s: %w: %w", p.path, err, providers.ErrUnavailable)
+	}
+	if st.name != old.name {
+		// A different keyset under the same path would make every existing
+		// key_id unknown; keep serving the one we have and say so.
+		return fmt.Errorf("refresh: keyset %s now has name %q, was %q; refusing to switch keysets under a running plugin: %w", p.path, st.name, old.name, providers.ErrRefused)
+	}
+	p.state.Store(st)
+	if st.primary.keyID != old.primary.keyID {
+		p.logger.Info("primary key changed", "old_key_id", old.primary.keyID, "new_key_id", st.primary.keyID)
+	} else {
+		p.logger.Debug("keyset reloaded", "versions", len(st.order))
+	}
+	return nil
+}
+
+// Close releases nothing: the provider holds no open files.
+func (p *Provider) Close() error { return nil }
+
+// Versions lists every key version, oldest first.
+func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error) {
+	if err := p.Refresh(ctx); err != nil {
+		return nil, fmt.Errorf("versions: %w", err)
+	}
+	st := p.state.Load()
+	out := make([]providers.KeyVersion, 0, len(st.order))
+	for _, k := range st.order {
+		v := providers.KeyVersion{KeyID: k.keyID, Created: k.created, State: providers.StateDisabled}
+		switch {
+		case k == st.primary:
+			v.State = providers.StatePrimary
+		case k.enabled:
+			v.State = providers.StateEnabled
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// CreateVersion adds an enabled, non-primary AES-256-GCM key.
+func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, error) {
+	var v providers.KeyVersion
+	err := p.modify(ctx, "create", func(doc *document, m *keyset.Manager, _ *state) error {
+		id, err := m.Add(aead.AES256GCMKeyTemplate())
+		if err != nil {
+			return err
+		}
+		now := time.Now().UTC().Truncate(time.Second)
+		if doc.Created == nil {
+			doc.Created = map[string]time.Time{}
+		}
+		doc.Created[idString(id)] = now
+		v = providers.KeyVersion{KeyID: keyID(doc.Name, id), State: providers.StateEnabled, Created: now}
+		return nil
+	})
+	return v, err
+}
+
+// Promote makes an enabled version the primary.
+func (p *Provider) Promote(ctx context.Context, id string) error {
+	return p.modify(ctx, "promote", func(_ *document, m *keyset.Manager, st *state) error {
+		k, err := find(st, id)
+		if err != nil {
+			return err
+		}
+		if !k.enabled {
+			return fmt.Errorf("%s is disabled; enable it first: %w", id, providers.ErrRefused)
+		}
+		return m.SetPrimary(k.tinkID)
+	})
+}
+
+// Disable stops a non-primary version from decrypting.
+func (p *Provider) Disable(ctx context.Context, id string) error {
+	return p.modify(ctx, "disable", func(_ *document, m *keyset.Manager, st *state) error {
+		k, err := find(st, id)
+		if err != nil {
+			return err
+		}
+		if k == st.primary {
+			return fmt.Errorf("%s is the primary; promote another version first: %w", id, providers.ErrRefused)
+		}
+		return m.Disable(k.tinkID)
+	})
+}
+
+// Enable lets a disabled version decrypt again.
+func (p *Provider) Enable(ctx context.Context, id string) error {
+	return p.modify(ctx, "enable", func(_ *document, m *keyset.Manager, st *state) error {
+		k, err := find(st, id)
+		if err != nil {
+			return err
+		}
+		return m.Enable(k.tinkID)
+	})
+}
+
+func find(st *state, id string) (*keyEntry, error) {
+	k, ok := st.keys[id]
+	if !ok {
+		if strings.HasPrefix(id, Backend+":") {
+			return nil, fmt.Errorf("%s is not in keyset %q: %w", id, st.name, providers.ErrKeyNotFound)
+		}
+		return nil, fmt.Errorf("%s is not a file provider key_id: %w", id, providers.ErrKeyNotFound)
+	}
+	return k, nil
+}
+
+// modify runs one locked read-modify-write cycle on the keyset file, then
+// loads the result into this provider.
+func (p *Provider) modify(ctx context.Context, op string, change func(*document, *keyset.Manager, *state) error) error {
+	unlock, err := lockDir(p.path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	defer unlock()
+	l, err := readKeyset(p.path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	st, err := buildState(l)
+	if err != nil {
+		return fmt.Errorf("%s: keyset %s: %w", op, p.path, err)
+	}
+	m := keyset.NewManagerFromHandle(l.handle)
+	doc := l.doc
+	if err := change(&doc, m, st); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	h, err := m.Handle()
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	data, err := encode(doc, h)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	if err := writeAtomic(p.path, data); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	if err := p.Refresh(ctx); err != nil {
+		return fmt.Errorf("%s: written, but reloading failed: %w", op, err)
+	}
+	return nil
+}
