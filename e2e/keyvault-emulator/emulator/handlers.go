@@ -1,0 +1,465 @@
+package emulator
+
+import (
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"math/big"
+	"net/http"
+	"net/url"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// pageSize is the most versions one list page holds, as in the service, so
+// clients must follow nextLink.
+const pageSize = 25
+
+func (e *Emulator) serve(w http.ResponseWriter, r *http.Request) {
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/"), "/")
+	switch {
+	case len(parts) >= 1 && parts[0] == "keys":
+		e.serveVault(w, r, parts[1:])
+	case len(parts) == 4 && parts[1] == "v2.0" && parts[2] == ".well-known" && parts[3] == "openid-configuration" && r.Method == http.MethodGet:
+		e.serveOpenID(w, parts[0])
+	case len(parts) == 4 && parts[1] == "oauth2" && parts[2] == "v2.0" && parts[3] == "token" && r.Method == http.MethodPost:
+		e.serveToken(w, r, parts[0])
+	default:
+		writeError(w, http.StatusNotFound, "NotFound", "no such endpoint in the emulator: "+r.Method+" "+r.URL.Path, "")
+	}
+}
+
+// serveOpenID answers OpenID discovery the way Entra ID does for a tenant.
+func (e *Emulator) serveOpenID(w http.ResponseWriter, tenant string) {
+	if tenant != e.TenantID {
+		writeOAuthError(w, http.StatusBadRequest, "invalid_tenant", "unknown tenant "+tenant)
+		return
+	}
+	base := e.URL + tenant
+	writeJSON(w, http.StatusOK, map[string]any{
+		"issuer":                                base + "/v2.0",
+		"token_endpoint":                        base + "/oauth2/v2.0/token",
+		"authorization_endpoint":                base + "/oauth2/v2.0/authorize",
+		"device_authorization_endpoint":         base + "/oauth2/v2.0/devicecode",
+		"jwks_uri":                              base + "/discovery/v2.0/keys",
+		"response_types_supported":              []string{"code", "id_token", "code id_token", "id_token token"},
+		"token_endpoint_auth_methods_supported": []string{"client_secret_post", "private_key_jwt", "client_secret_basic"},
+		"tenant_region_scope":                   "EU",
+	})
+}
+
+// serveToken implements the client-credentials grant with a client secret,
+// or with a client assertion registered by AddFederatedToken (what workload
+// identity sends).
+func (e *Emulator) serveToken(w http.ResponseWriter, r *http.Request, tenant string) {
+	if tenant != e.TenantID {
+		writeOAuthError(w, http.StatusBadRequest, "invalid_tenant", "unknown tenant "+tenant)
+		return
+	}
+	if err := r.ParseForm(); err != nil {
+		writeOAuthError(w, http.StatusBadRequest, "invalid_request", "bad form")
+		return
+	}
+	if g := r.PostForm.Get("grant_type"); g != "client_credentials" {
+		writeOAuthError(w, http.StatusBadRequest, "unsupported_grant_type", "grant "+g+" not supported")
+		return
+	}
+	if s := r.PostForm.Get("scope"); s != DefaultResource+"/.default" {
+		writeOAuthError(w, http.StatusBadRequest, "invalid_scope", "scope "+s+" not served here")
+		return
+	}
+	id := r.PostForm.Get("client_id")
+	e.mu.Lock()
+	want, known := e.clients[id]
+	e.mu.Unlock()
+	got := r.PostForm.Get("client_secret")
+	if got == "" {
+		got = r.PostForm.Get("client_assertion")
+	}
+	if !known || got == "" || subtle.ConstantTimeCompare([]byte(got), []byte(want)) != 1 {
+		writeOAuthError(w, http.StatusUnauthorized, "invalid_client", "AADSTS7000215: Invalid client secret provided.")
+		return
+	}
+	b := make([]byte, 24)
+	_, _ = rand.Read(b)
+	tok := hex.EncodeToString(b)
+	e.mu.Lock()
+	e.tokens[tok] = time.Now().Add(e.opts.TokenLifetime)
+	e.mu.Unlock()
+	e.tokenCount.Add(1)
+	secs := int(e.opts.TokenLifetime / time.Second)
+	writeJSON(w, http.StatusOK, map[string]any{
+		"token_type": "Bearer", "access_token": tok, "expires_in": secs, "ext_expires_in": secs,
+	})
+}
+
+// AddFederatedToken lets clientID authenticate with token as its client
+// assertion, as a workload-identity credential does with its projected
+// service-account token.
+func (e *Emulator) AddFederatedToken(clientID, token string) { e.AddClient(clientID, token) }
+
+func (e *Emulator) authorized(r *http.Request) bool {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	exp, ok := e.tokens[tok]
+	return ok && time.Now().Before(exp)
+}
+
+func (e *Emulator) serveVault(w http.ResponseWriter, r *http.Request, p []string) {
+	e.requests.Add(1)
+	switch Outage(e.outage.Load()) {
+	case OutageUnavailable:
+		writeError(w, http.StatusServiceUnavailable, "ServiceUnavailable", "The service is temporarily unavailable.", "")
+		return
+	case OutageConnReset:
+		if hj, ok := w.(http.Hijacker); ok {
+			if c, _, err := hj.Hijack(); err == nil {
+				c.Close()
+				return
+			}
+		}
+		panic(http.ErrAbortHandler)
+	}
+	if d := time.Duration(e.latency.Load()); d > 0 {
+		select {
+		case <-time.After(d):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if e.takeThrottle() {
+		e.throttled.Add(1)
+		ra := time.Duration(e.throttleRA.Load())
+		w.Header().Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
+		w.Header().Set("retry-after-ms", strconv.FormatInt(ra.Milliseconds(), 10))
+		writeError(w, http.StatusTooManyRequests, "Throttled", "Request was not processed because too many requests were received.", "")
+		return
+	}
+	if !e.authorized(r) {
+		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer authorization="%s%s", resource="%s"`, e.URL, e.TenantID, DefaultResource))
+		writeError(w, http.StatusUnauthorized, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.", "")
+		return
+	}
+	if r.URL.Query().Get("api-version") == "" {
+		writeError(w, http.StatusBadRequest, "BadParameter", "The 'api-version' query parameter is missing.", "")
+		return
+	}
+	if len(p) == 0 || p[0] == "" {
+		writeError(w, http.StatusNotFound, "NotFound", "no key name in "+r.URL.Path, "")
+		return
+	}
+	name := p[0]
+	rest := p[1:]
+	if len(rest) > 0 && rest[len(rest)-1] == "" {
+		rest = rest[:len(rest)-1]
+	}
+	switch {
+	case len(rest) == 0 && r.Method == http.MethodGet:
+		e.gets.Add(1)
+		e.getKey(w, name, "")
+	case len(rest) == 1 && rest[0] == "versions" && r.Method == http.MethodGet:
+		e.lists.Add(1)
+		e.listVersions(w, r, name)
+	case len(rest) == 1 && rest[0] == "create" && r.Method == http.MethodPost:
+		e.creates.Add(1)
+		e.createKey(w, r, name)
+	case len(rest) == 1 && rest[0] == "rotate" && r.Method == http.MethodPost:
+		e.rotates.Add(1)
+		v, err := e.rotate(name)
+		if err != nil {
+			writeNotFound(w, name)
+			return
+		}
+		e.writeBundle(w, name, v)
+	case len(rest) == 1 && r.Method == http.MethodGet:
+		e.gets.Add(1)
+		e.getKey(w, name, rest[0])
+	case len(rest) == 1 && r.Method == http.MethodPatch:
+		e.updates.Add(1)
+		e.updateKey(w, r, name, rest[0])
+	case len(rest) == 2 && rest[1] == "wrapkey" && r.Method == http.MethodPost:
+		e.wraps.Add(1)
+		e.keyOp(w, r, name, rest[0], "wrapKey")
+	case len(rest) == 2 && rest[1] == "unwrapkey" && r.Method == http.MethodPost:
+		e.unwraps.Add(1)
+		e.keyOp(w, r, name, rest[0], "unwrapKey")
+	default:
+		writeError(w, http.StatusNotFound, "NotFound", "no such operation in the emulator: "+r.Method+" "+r.URL.Path, "")
+	}
+}
+
+// takeThrottle reports whether this request is throttled, consuming one of
+// the remaining throttled requests.
+func (e *Emulator) takeThrottle() bool {
+	for {
+		n := e.throttleN.Load()
+		switch {
+		case n == 0:
+			return false
+		case n < 0:
+			return true
+		case e.throttleN.CompareAndSwap(n, n-1):
+			return true
+		}
+	}
+}
+
+func (e *Emulator) getKey(w http.ResponseWriter, name, ver string) {
+	e.mu.Lock()
+	v := e.find(name, ver)
+	e.mu.Unlock()
+	if v == nil {
+		writeNotFound(w, name)
+		return
+	}
+	e.writeBundle(w, name, v)
+}
+
+func (e *Emulator) listVersions(w http.ResponseWriter, r *http.Request, name string) {
+	skip, _ := strconv.Atoi(r.URL.Query().Get("$skiptoken"))
+	max := pageSize
+	if m, err := strconv.Atoi(r.URL.Query().Get("maxresults")); err == nil && m > 0 && m < max {
+		max = m
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	k := e.keys[name]
+	if k == nil {
+		writeNotFound(w, name)
+		return
+	}
+	items := []map[string]any{}
+	for i := skip; i < len(k.versions) && len(items) < max; i++ {
+		v := k.versions[i]
+		items = append(items, map[string]any{
+			"kid": e.kid(name, v.id), "attributes": e.attributes(v), "tags": v.tags, "managed": false,
+		})
+	}
+	out := map[string]any{"value": items, "nextLink": nil}
+	if next := skip + len(items); next < len(k.versions) {
+		q := url.Values{"api-version": {r.URL.Query().Get("api-version")}, "$skiptoken": {strconv.Itoa(next)}, "maxresults": {strconv.Itoa(max)}}
+		out["nextLink"] = e.URL + "keys/" + name + "/versions?" + q.Encode()
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+type attributesIn struct {
+	Enabled    *bool  `json:"enabled"`
+	Exportable *bool  `json:"exportable"`
+	NotBefore  *int64 `json:"nbf"`
+	Expires    *int64 `json:"exp"`
+}
+
+func (e *Emulator) createKey(w http.ResponseWriter, r *http.Request, name string) {
+	var in struct {
+		Kty        string            `json:"kty"`
+		KeySize    int               `json:"key_size"`
+		KeyOps     []string          `json:"key_ops"`
+		Attributes *attributesIn     `json:"attributes"`
+		Tags       map[string]string `json:"tags"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&in); err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "Request body is not valid JSON.", "")
+		return
+	}
+	enabled, exportable := true, false
+	if a := in.Attributes; a != nil {
+		if a.Enabled != nil {
+			enabled = *a.Enabled
+		}
+		if a.Exportable != nil {
+			exportable = *a.Exportable
+		}
+	}
+	v, err := e.newVersion(name, in.Kty, in.KeySize, in.KeyOps, enabled, exportable, in.Tags)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", err.Error(), "")
+		return
+	}
+	if a := in.Attributes; a != nil {
+		e.mu.Lock()
+		v.nbf, v.exp = unixPtr(a.NotBefore), unixPtr(a.Expires)
+		e.mu.Unlock()
+	}
+	e.writeBundle(w, name, v)
+}
+
+func (e *Emulator) updateKey(w http.ResponseWriter, r *http.Request, name, ver string) {
+	var in struct {
+		Attributes *attributesIn      `json:"attributes"`
+		KeyOps     []string           `json:"key_ops"`
+		Tags       *map[string]string `json:"tags"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&in); err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "Request body is not valid JSON.", "")
+		return
+	}
+	e.mu.Lock()
+	v := e.find(name, ver)
+	if v == nil || ver == "" {
+		e.mu.Unlock()
+		writeNotFound(w, name)
+		return
+	}
+	if a := in.Attributes; a != nil {
+		if a.Enabled != nil {
+			v.enabled = *a.Enabled
+		}
+		if a.NotBefore != nil {
+			v.nbf = unixPtr(a.NotBefore)
+		}
+		if a.Expires != nil {
+			v.exp = unixPtr(a.Expires)
+		}
+	}
+	if in.KeyOps != nil {
+		v.ops = in.KeyOps
+	}
+	if in.Tags != nil {
+		v.tags = map[string]string{}
+		for k, val := range *in.Tags {
+			v.tags[k] = val
+		}
+	}
+	v.updated = e.tick()
+	e.mu.Unlock()
+	e.writeBundle(w, name, v)
+}
+
+// keyOp runs wrapKey or unwrapKey with one explicit version.
+func (e *Emulator) keyOp(w http.ResponseWriter, r *http.Request, name, ver, op string) {
+	var in struct {
+		Alg   string `json:"alg"`
+		Value string `json:"value"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&in); err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "Request body is not valid JSON.", "")
+		return
+	}
+	data, err := decodeB64URL(in.Value)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "The parameter value is not valid base64url.", "")
+		return
+	}
+	e.mu.Lock()
+	v := e.find(name, ver)
+	var enabled, permitted bool
+	if v != nil {
+		enabled = v.enabled
+		for _, o := range v.ops {
+			permitted = permitted || o == op
+		}
+	}
+	e.mu.Unlock()
+	switch {
+	case v == nil:
+		writeNotFound(w, name+"/"+ver)
+		return
+	case !enabled:
+		writeError(w, http.StatusForbidden, "Forbidden", "Operation "+op+" is not allowed on a disabled key.", "KeyDisabled")
+		return
+	case !permitted:
+		writeError(w, http.StatusForbidden, "Forbidden", "Operation "+op+" is not permitted on this key.", "KeyOperationForbidden")
+		return
+	}
+	if _, ok := oaepHash(in.Alg); !ok {
+		writeError(w, http.StatusBadRequest, "BadParameter", "Invalid algorithm "+in.Alg+".", "")
+		return
+	}
+	var out []byte
+	if op == "wrapKey" {
+		out, err = wrap(v, in.Alg, data)
+	} else {
+		out, err = unwrap(v, in.Alg, data)
+	}
+	if err != nil {
+		// The service answers a ciphertext it cannot unwrap with this
+		// terse 400, whatever the reason.
+		writeError(w, http.StatusBadRequest, "BadParameter", "The parameter is incorrect.", "")
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"kid": e.kid(name, v.id), "value": base64.RawURLEncoding.EncodeToString(out)})
+}
+
+func (e *Emulator) attributes(v *version) map[string]any {
+	a := map[string]any{
+		"enabled":         v.enabled,
+		"created":         v.created.Unix(),
+		"updated":         v.updated.Unix(),
+		"recoveryLevel":   e.opts.RecoveryLevel,
+		"recoverableDays": 90,
+		"exportable":      v.exportable,
+	}
+	if v.nbf != nil {
+		a["nbf"] = v.nbf.Unix()
+	}
+	if v.exp != nil {
+		a["exp"] = v.exp.Unix()
+	}
+	return a
+}
+
+func (e *Emulator) writeBundle(w http.ResponseWriter, name string, v *version) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	tags := map[string]string{}
+	for k, val := range v.tags {
+		tags[k] = val
+	}
+	ops := append([]string(nil), v.ops...)
+	sort.Strings(ops)
+	writeJSON(w, http.StatusOK, map[string]any{
+		"key": map[string]any{
+			"kid":     e.kid(name, v.id),
+			"kty":     v.kty,
+			"key_ops": ops,
+			"n":       base64.RawURLEncoding.EncodeToString(v.priv.N.Bytes()),
+			"e":       base64.RawURLEncoding.EncodeToString(big.NewInt(int64(v.priv.E)).Bytes()),
+		},
+		"attributes": e.attributes(v),
+		"tags":       tags,
+	})
+}
+
+func unixPtr(s *int64) *time.Time {
+	if s == nil {
+		return nil
+	}
+	t := time.Unix(*s, 0)
+	return &t
+}
+
+func decodeB64URL(s string) ([]byte, error) {
+	return base64.RawURLEncoding.DecodeString(strings.TrimRight(s, "="))
+}
+
+func writeNotFound(w http.ResponseWriter, name string) {
+	writeError(w, http.StatusNotFound, "KeyNotFound", "A key with (name/id) "+name+" was not found in this key vault.", "")
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg, inner string) {
+	body := map[string]any{"code": code, "message": msg}
+	if inner != "" {
+		body["innererror"] = map[string]any{"code": inner}
+	}
+	writeJSON(w, status, map[string]any{"error": body})
+}
+
+func writeOAuthError(w http.ResponseWriter, status int, code, desc string) {
+	writeJSON(w, status, map[string]any{"error": code, "error_description": desc, "error_codes": []int{7000215}})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
