@@ -1,0 +1,154 @@
+// Command kms-plugin is the KMS v2 plugin daemon kube-apiserver talks to
+// over a Unix socket. `kms-plugin serve --config FILE` is its only job; this
+// file is wiring: flags, config, logger, signals.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+
+	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
+	"github.com/kms-v2/kms-plugin/config"
+	"github.com/kms-v2/kms-plugin/plugin"
+)
+
+// version is set at release build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	root := &cobra.Command{
+		Use:           "kms-plugin",
+		Short:         "Kubernetes KMS v2 plugin",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(serveCommand(), &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version) },
+	})
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "kms-plugin: "+err.Error())
+		os.Exit(1)
+	}
+}
+
+func serveCommand() *cobra.Command {
+	var configPath string
+	cmd := &cobra.Command{
+		Use:   "serve --config FILE",
+		Short: "Serve KMS v2 on the Unix socket named in the config",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if configPath == "" {
+				return errors.New("--config is required: the plugin configuration file")
+			}
+			cfg, err := config.Load(configPath)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			return serve(ctx, cfg)
+		},
+	}
+	cmd.Flags().StringVar(&configPath, "config", "", "plugin configuration file (YAML)")
+	return cmd
+}
+
+func newLogger(c config.Log) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{
+		Name:       "kms-plugin",
+		Level:      hclog.LevelFromString(c.Level),
+		JSONFormat: c.Format == "json",
+		Output:     os.Stderr,
+	})
+}
+
+// serve runs the plugin until ctx ends. Every resource it takes is released
+// on every error path, so a failed start leaves no socket behind.
+func serve(ctx context.Context, cfg *config.Config) error {
+	log := newLogger(cfg.Log)
+	prov, err := backends.Open(ctx, cfg.Provider, log)
+	if err != nil {
+		return err
+	}
+	defer prov.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	svc, err := plugin.New(plugin.Options{
+		Provider:        prov,
+		Logger:          log,
+		Metrics:         plugin.NewMetrics(reg),
+		CheckInterval:   time.Duration(cfg.CheckInterval),
+		RefreshInterval: time.Duration(cfg.RefreshInterval),
+		MaxStaleness:    time.Duration(cfg.MaxStaleness),
+	})
+	if err != nil {
+		return err
+	}
+
+	var healthLn net.Listener
+	if cfg.Health != "" {
+		healthLn, err = net.Listen("tcp", cfg.Health)
+		if err != nil {
+			return fmt.Errorf("health %s: %w", cfg.Health, err)
+		}
+		defer healthLn.Close()
+	}
+	sock, err := plugin.Listen(cfg.Socket, cfg.SocketGroup)
+	if err != nil {
+		return err
+	}
+	// The check runs before the first request so Status is truthful at once.
+	svc.Check(ctx)
+	bg, cancelBG := context.WithCancel(ctx)
+	defer cancelBG()
+	go svc.Run(bg)
+
+	if healthLn != nil {
+		hs := &http.Server{Handler: plugin.HealthHandler(svc, reg), ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := hs.Serve(healthLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("health server stopped", "error", err)
+			}
+		}()
+		defer hs.Close()
+		log.Info("health endpoint listening", "addr", healthLn.Addr().String())
+	}
+
+	gs := plugin.NewGRPCServer(svc)
+	served := make(chan error, 1)
+	go func() { served <- gs.Serve(sock) }()
+	log.Info("serving KMS v2", "socket", cfg.Socket, "version", version)
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("grpc server stopped: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	done := make(chan struct{})
+	go func() { gs.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		gs.Stop()
+	}
+	// GracefulStop closed the listener, which removes the socket file.
+	log.Info("stopped")
+	return nil
+}

@@ -1,0 +1,159 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/cobra"
+
+	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
+	"github.com/kms-v2/kms-plugin/config"
+	"github.com/kms-v2/kms-plugin/providers"
+)
+
+func keysCommand() *cobra.Command {
+	var configPath string
+	cmd := &cobra.Command{
+		Use:   "keys",
+		Short: "List and manage key versions (init, list, create, promote, disable, enable)",
+	}
+	cmd.PersistentFlags().StringVar(&configPath, "config", "", "plugin configuration file (YAML)")
+
+	load := func() (*config.Config, error) {
+		if configPath == "" {
+			return nil, errors.New("--config is required: the plugin configuration file")
+		}
+		return config.Load(configPath)
+	}
+	cliLogger := func() hclog.Logger {
+		return hclog.New(&hclog.LoggerOptions{Name: "kmsctl", Level: hclog.Warn, Output: os.Stderr})
+	}
+	// withRotator opens the provider for one lifecycle operation.
+	withRotator := func(fn func(context.Context, providers.Rotator) error) error {
+		cfg, err := load()
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		p, r, err := backends.OpenRotator(ctx, cfg.Provider, cliLogger())
+		if err != nil {
+			return err
+		}
+		defer p.Close()
+		return fn(ctx, r)
+	}
+
+	var output string
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List key versions with their state and creation time",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "" && output != "json" && output != "table" {
+				return fmt.Errorf("-o %q: want json or table", output)
+			}
+			return withRotator(func(ctx context.Context, r providers.Rotator) error {
+				vs, err := r.Versions(ctx)
+				if err != nil {
+					return err
+				}
+				return printVersions(cmd, vs, output)
+			})
+		},
+	}
+	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+
+	cmd.AddCommand(
+		&cobra.Command{
+			Use:   "init",
+			Short: "Create the first key version (refuses if one exists)",
+			Args:  cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				cfg, err := load()
+				if err != nil {
+					return err
+				}
+				v, err := backends.Init(context.Background(), cfg.Provider, cliLogger())
+				if err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), v.KeyID)
+				return nil
+			},
+		},
+		list,
+		&cobra.Command{
+			Use:   "create",
+			Short: "Add a key version, enabled but not primary; prints its key_id",
+			Args:  cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				return withRotator(func(ctx context.Context, r providers.Rotator) error {
+					v, err := r.CreateVersion(ctx)
+					if err != nil {
+						return err
+					}
+					fmt.Fprintln(cmd.OutOrStdout(), v.KeyID)
+					return nil
+				})
+			},
+		},
+		lifecycle("promote", "Make an enabled version the primary (plugins follow within their refresh interval)",
+			func(ctx context.Context, r providers.Rotator, id string) error { return r.Promote(ctx, id) }, withRotator),
+		lifecycle("disable", "Stop a non-primary version from decrypting (check `kmsctl census` first)",
+			func(ctx context.Context, r providers.Rotator, id string) error { return r.Disable(ctx, id) }, withRotator),
+		lifecycle("enable", "Let a disabled version decrypt again",
+			func(ctx context.Context, r providers.Rotator, id string) error { return r.Enable(ctx, id) }, withRotator),
+	)
+	return cmd
+}
+
+// lifecycle builds a `kmsctl keys VERB KEYID` command.
+func lifecycle(verb, short string, op func(context.Context, providers.Rotator, string) error, with func(func(context.Context, providers.Rotator) error) error) *cobra.Command {
+	return &cobra.Command{
+		Use:   verb + " KEYID",
+		Short: short,
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return fmt.Errorf("%s takes exactly one KEYID (see `kmsctl keys list`)", verb)
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return with(func(ctx context.Context, r providers.Rotator) error {
+				if err := op(ctx, r, args[0]); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.ErrOrStderr(), "%s: %s\n", verb+"d", args[0])
+				return nil
+			})
+		},
+	}
+}
+
+func printVersions(cmd *cobra.Command, vs []providers.KeyVersion, output string) error {
+	if output == "json" {
+		if vs == nil {
+			vs = []providers.KeyVersion{}
+		}
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(vs)
+	}
+	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "KEY ID\tSTATE\tCREATED")
+	for _, v := range vs {
+		created := "-"
+		if !v.Created.IsZero() {
+			created = v.Created.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\n", v.KeyID, v.State, created)
+	}
+	return w.Flush()
+}

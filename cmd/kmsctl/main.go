@@ -1,0 +1,47 @@
+// Command kmsctl is the operator CLI: key versions (`kmsctl keys`), and the
+// rotation orchestrator's front end (`kmsctl rotate`, `kmsctl census`).
+// It reads the same configuration file as kms-plugin, so both always manage
+// the same backend and key.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	root := &cobra.Command{
+		Use:           "kmsctl",
+		Short:         "Manage KMS v2 plugin keys and rotate them safely",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	for _, c := range subcommands {
+		root.AddCommand(c())
+	}
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "kmsctl: "+err.Error())
+		os.Exit(exitCode(err))
+	}
+}
+
+// subcommands lists the top-level commands; each file adds its own.
+var subcommands = []func() *cobra.Command{keysCommand}
+
+// exitError carries a specific exit code (for scripts) with its message.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+func exitCode(err error) int {
+	if e, ok := err.(*exitError); ok {
+		return e.code
+	}
+	return 1
+}

@@ -1,0 +1,76 @@
+package plugin
+
+import (
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the plugin's Prometheus collectors. Labels carry methods,
+// codes, error classes and key_id hashes, never key material or error text.
+type Metrics struct {
+	requests        *prometheus.CounterVec
+	requestDuration *prometheus.HistogramVec
+	providerOps     *prometheus.HistogramVec
+	providerErrors  *prometheus.CounterVec
+	primaryKey      *prometheus.GaugeVec
+	reloads         *prometheus.CounterVec
+	healthy         prometheus.Gauge
+
+	mu             sync.Mutex
+	currentPrimary string
+}
+
+// NewMetrics creates the collectors and registers them with reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kms_plugin_requests_total",
+			Help: "KMS v2 gRPC requests by method and gRPC code.",
+		}, []string{"method", "code"}),
+		requestDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "kms_plugin_request_duration_seconds",
+			Help:    "KMS v2 gRPC request latency by method.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}, []string{"method"}),
+		providerOps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "kms_plugin_provider_operation_duration_seconds",
+			Help:    "Latency of calls into the key provider by operation.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}, []string{"operation"}),
+		providerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kms_plugin_provider_errors_total",
+			Help: "Failed calls into the key provider by operation and error class.",
+		}, []string{"operation", "class"}),
+		primaryKey: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kms_plugin_primary_key_info",
+			Help: "1 for the key_id hash (sha256:hex, as kube-apiserver labels it) Status currently reports.",
+		}, []string{"key_id_hash"}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kms_plugin_key_state_reloads_total",
+			Help: "Background reloads of key state from the provider by result.",
+		}, []string{"result"}),
+		healthy: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kms_plugin_healthy",
+			Help: "1 while the last background provider check passed and is fresh.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy)
+	}
+	return m
+}
+
+// setPrimary records the current primary key_id hash.
+func (m *Metrics) setPrimary(hash string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if hash == m.currentPrimary {
+		return
+	}
+	if m.currentPrimary != "" {
+		m.primaryKey.DeleteLabelValues(m.currentPrimary)
+	}
+	m.primaryKey.WithLabelValues(hash).Set(1)
+	m.currentPrimary = hash
+}
