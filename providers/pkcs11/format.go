@@ -1,0 +1,41 @@
+package pkcs11
+
+import (
+	"fmt"
+
+	"github.com/kms-v2/kms-plugin/providers"
+)
+
+// Ciphertext framing: formatV1 || IV || AES-GCM(seed) || tag.
+const (
+	formatV1  byte = 1
+	ivSize         = 12
+	tagSize        = 16
+	sealedLen      = 1 + ivSize + providers.SeedSize + tagSize
+)
+
+// aad binds a ciphertext to its format and key_id, so a ciphertext moved to
+// another key_id (even one naming the same key object) fails to open.
+func aad(keyID string) []byte {
+	return append([]byte{formatV1}, keyID...)
+}
+
+// frame assembles the stored ciphertext.
+func frame(iv, ct []byte) []byte {
+	out := make([]byte, 0, 1+len(iv)+len(ct))
+	out = append(out, formatV1)
+	out = append(out, iv...)
+	return append(out, ct...)
+}
+
+// unframe splits a stored ciphertext. The seed is always 32 bytes, so any
+// other length was not made here.
+func unframe(b []byte) (iv, ct []byte, err error) {
+	if len(b) != sealedLen {
+		return nil, nil, fmt.Errorf("ciphertext of %d bytes, want %d: %w", len(b), sealedLen, providers.ErrInvalidCiphertext)
+	}
+	if b[0] != formatV1 {
+		return nil, nil, fmt.Errorf("ciphertext format %d, want %d: %w", b[0], formatV1, providers.ErrInvalidCiphertext)
+	}
+	return b[1 : 1+ivSize], b[1+ivSize:], nil
+}
