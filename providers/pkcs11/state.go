@@ -73,16 +73,16 @@ type state struct {
 
 // snapshot is what one read of the token returned.
 type snapshot struct {
-	meta       meta
+	meta meta
 	// metaHandles are all state objects found; the writer removes them
 	// after creating their successor.
 	metaHandles []pkcs11.ObjectHandle
 	haveMeta    bool
-	keys       []*version // by n
-	maxN       int        // largest n among key objects, for stray objects
+	keys        []*version // by n
+	maxN        int        // largest n among key objects, for stray objects
 }
 
-func (p *Provider) metaLabel() string    { return p.cfg.KeyLabel + ".state" }
+func (p *Provider) metaLabel() string     { return p.cfg.KeyLabel + ".state" }
 func (p *Provider) keyLabel(n int) string { return p.cfg.KeyLabel + "-" + strconv.Itoa(n) }
 func (p *Provider) keyID(label string) string {
 	return providers.KeyID{Backend: "pkcs11", Name: p.cfg.TokenLabel + "/" + label}.String()
