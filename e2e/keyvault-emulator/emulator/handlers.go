@@ -69,7 +69,8 @@ func (e *Emulator) serveToken(w http.ResponseWriter, r *http.Request, tenant str
 		writeOAuthError(w, http.StatusBadRequest, "unsupported_grant_type", "grant "+g+" not supported")
 		return
 	}
-	if s := r.PostForm.Get("scope"); s != DefaultResource+"/.default" {
+	// MSAL adds the OpenID scopes (openid, profile, offline_access).
+	if s := r.PostForm.Get("scope"); !containsField(s, DefaultResource+"/.default") {
 		writeOAuthError(w, http.StatusBadRequest, "invalid_scope", "scope "+s+" not served here")
 		return
 	}
@@ -462,4 +463,13 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+func containsField(s, want string) bool {
+	for _, f := range strings.Fields(s) {
+		if f == want {
+			return true
+		}
+	}
+	return false
 }
