@@ -45,11 +45,16 @@ func Listen(path, group string) (net.Listener, error) {
 	}
 	dir := filepath.Dir(path)
 	createdDir := false
-	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+	switch fi, err := os.Stat(dir); {
+	case errors.Is(err, fs.ErrNotExist):
 		if err := os.MkdirAll(dir, 0o750); err != nil {
-			return nil, fmt.Errorf("socket folder %s: %w; create it or choose another socket path", dir, err)
+			return nil, fmt.Errorf("socket folder %s cannot be created (%v); create it or choose another socket path", dir, err)
 		}
 		createdDir = true
+	case err != nil:
+		return nil, fmt.Errorf("socket folder %s: %v; choose another socket path", dir, err)
+	case !fi.IsDir():
+		return nil, fmt.Errorf("socket folder %s is not a folder; choose another socket path", dir)
 	}
 	cleanup := func() {
 		if createdDir {
