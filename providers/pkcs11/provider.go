@@ -102,6 +102,10 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Provider, error
 		p.Close()
 		return nil, fmt.Errorf("pkcs11: %w", err)
 	}
+	if err := p.tok.checkMechanisms(); err != nil {
+		p.Close()
+		return nil, fmt.Errorf("pkcs11: %w", err)
+	}
 	return p, nil
 }
 

@@ -457,3 +457,39 @@ func TestClosedProviderFails(t *testing.T) {
 		t.Fatalf("second Close: %v", err)
 	}
 }
+
+// TestPINChangedUnderRunningProvider changes the user PIN and drops every
+// session, so the provider must log in again with a PIN that is now wrong:
+// calls and Check fail with ErrPermissionDenied, and the provider stops
+// trying (a real HSM would lock the user after a few attempts).
+func TestPINChangedUnderRunningProvider(t *testing.T) {
+	p, cfg := newInitialized(t)
+	ctx := testCtx(t)
+	s, err := p.Encrypt(ctx, providertest.Seed(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := rawToken(t, cfg)
+	err = tok.do(ctx, func(h pkcs11.SessionHandle) error {
+		return tok.mod.ctx.SetPIN(h, tok.pin, "a-new-pin-1234")
+	})
+	if err != nil {
+		t.Fatalf("C_SetPIN: %v", err)
+	}
+	p.tok.mu.Lock()
+	slot := p.tok.slot
+	p.tok.mu.Unlock()
+	if err := p.tok.mod.ctx.CloseAllSessions(slot); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Decrypt(ctx, s); !errors.Is(err, providers.ErrPermissionDenied) {
+		t.Fatalf("Decrypt after the PIN changed: got %v, want ErrPermissionDenied", err)
+	}
+	err = p.Check(ctx)
+	if !errors.Is(err, providers.ErrPermissionDenied) || !strings.Contains(err.Error(), "not retrying") {
+		t.Fatalf("Check after the PIN changed: got %v, want ErrPermissionDenied saying it does not retry", err)
+	}
+	if strings.Contains(err.Error(), tok.pin) || strings.Contains(err.Error(), "a-new-pin-1234") {
+		t.Fatalf("error %q contains a PIN", err)
+	}
+}

@@ -319,3 +319,28 @@ func (t *token) requireLogin(h pkcs11.SessionHandle) error {
 	}
 	return nil
 }
+
+// checkMechanisms fails clearly when the token lacks what the provider
+// needs, instead of letting the first Encrypt fail with CKR_MECHANISM_INVALID.
+func (t *token) checkMechanisms() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.haveSlot {
+		return nil // no session yet; the first call will find out
+	}
+	for _, m := range []struct {
+		mech  uint
+		name  string
+		flags uint
+	}{
+		{pkcs11.CKM_AES_GCM, "CKM_AES_GCM", pkcs11.CKF_ENCRYPT | pkcs11.CKF_DECRYPT},
+		{pkcs11.CKM_AES_KEY_GEN, "CKM_AES_KEY_GEN", pkcs11.CKF_GENERATE},
+	} {
+		info, err := t.mod.ctx.GetMechanismInfo(t.slot, []*pkcs11.Mechanism{pkcs11.NewMechanism(m.mech, nil)})
+		if err != nil || info.Flags&m.flags != m.flags {
+			return fmt.Errorf("token %q does not offer %s for this use (%v); the pkcs11 provider needs AES-GCM and AES key generation in the token: %w",
+				t.label, m.name, err, providers.ErrUnavailable)
+		}
+	}
+	return nil
+}

@@ -88,7 +88,13 @@ func NewToken(t testing.TB, label string) Token {
 	if err != nil {
 		t.Fatalf("softhsm2-util not found: install SoftHSM2 (apt-get install -y softhsm2): %v", err)
 	}
-	dir := t.TempDir()
+	// Not t.TempDir(): its name comes from the test name, which may contain
+	// '=' (sub-benchmarks), and SoftHSM2's config parser splits on '='.
+	dir, err := os.MkdirTemp("", "softhsm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	tokens := filepath.Join(dir, "tokens")
 	if err := os.Mkdir(tokens, 0o700); err != nil {
 		t.Fatal(err)
