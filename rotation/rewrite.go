@@ -1,0 +1,306 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/metadata"
+)
+
+// DefaultPageSize is the LIST page size of the rewrite and the etcd page
+// size of the census: large enough to be cheap, small enough that memory
+// does not depend on the cluster's size.
+const DefaultPageSize = 500
+
+// RewriteStats counts what one rewrite pass did to one resource.
+type RewriteStats struct {
+	Resource string `json:"resource"`
+	// Visited is every object the pass sent a patch for.
+	Visited int64 `json:"visited"`
+	// Rewritten objects got a new resourceVersion: they were stale and the
+	// apiserver re-encrypted them with its current key.
+	Rewritten int64 `json:"rewritten"`
+	// Unchanged objects were already under the current key (no-op patch).
+	Unchanged int64 `json:"unchanged"`
+	// Conflicts were written by someone else since they were listed (409);
+	// that write used the current key, and the census checks it.
+	Conflicts int64 `json:"conflicts"`
+	// Skipped objects were deleted meanwhile (404).
+	Skipped int64 `json:"skipped"`
+	// Errors failed after every retry; the next census finds them.
+	Errors int64 `json:"errors"`
+	// FirstErrors holds a few of the error messages.
+	FirstErrors []string `json:"firstErrors,omitempty"`
+	Duration    Duration `json:"duration"`
+}
+
+func (s *RewriteStats) add(o RewriteStats) {
+	s.Visited += o.Visited
+	s.Rewritten += o.Rewritten
+	s.Unchanged += o.Unchanged
+	s.Conflicts += o.Conflicts
+	s.Skipped += o.Skipped
+	s.Errors += o.Errors
+	s.Duration += o.Duration
+	for _, e := range o.FirstErrors {
+		if len(s.FirstErrors) < maxErrorSamples {
+			s.FirstErrors = append(s.FirstErrors, e)
+		}
+	}
+}
+
+const maxErrorSamples = 10
+
+// Rewriter re-encrypts objects by sending each the JSON merge patch that
+// carries only its resourceVersion: it reads no data, is a no-op for an
+// object already under the current key, rewrites a stale one, and fails with
+// 409 if the object changed since it was listed. Safe for concurrent use by
+// one pass at a time per resource.
+type Rewriter struct {
+	// Client talks to the apiserver with metadata-only requests.
+	Client metadata.Interface
+	// Limiter bounds and adapts the number of patches in flight.
+	Limiter *Limiter
+	// Workers is the number of goroutines (at least the Limiter's max).
+	Workers int
+	// PageSize is the LIST page size (default DefaultPageSize).
+	PageSize int64
+	// Attempts is how often a patch or a LIST page is tried before it
+	// counts as an error (default 8, about 30 s of back-off, enough to ride
+	// out an apiserver restart).
+	Attempts int
+	// Logger receives per-error details.
+	Logger hclog.Logger
+	// Progress, when set, is told about every object done.
+	Progress *Progress
+	// Metrics, when set, counts outcomes.
+	Metrics *Metrics
+}
+
+// target is one object to patch.
+type target struct {
+	namespace, name string
+	rv              string
+}
+
+// RewriteListed lists r as metadata only, page by page, and patches every
+// object. The first pass after a promote uses it: nearly everything is
+// stale then, and the list is cheaper than decoding every value from etcd.
+func (w *Rewriter) RewriteListed(ctx context.Context, r Resource) (RewriteStats, error) {
+	return w.run(ctx, r, func(ctx context.Context, out chan<- target) error {
+		cont := ""
+		for {
+			var list *metav1.PartialObjectMetadataList
+			err := w.retry(ctx, func() error {
+				var err error
+				list, err = w.Client.Resource(r.GVR).List(ctx, metav1.ListOptions{Limit: w.pageSize(), Continue: cont})
+				if apierrors.IsResourceExpired(err) {
+					// The continue token outlived etcd compaction: go on
+					// from where the apiserver says, consistency is not
+					// needed since the census checks afterwards.
+					if st, ok := err.(apierrors.APIStatus); ok && st.Status().ListMeta.Continue != "" {
+						cont = st.Status().ListMeta.Continue
+					}
+				}
+				return err
+			})
+			if err != nil {
+				return fmt.Errorf("list %s: %w", r.Name, err)
+			}
+			for i := range list.Items {
+				m := &list.Items[i].ObjectMeta
+				select {
+				case out <- target{namespace: m.Namespace, name: m.Name, rv: m.ResourceVersion}:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
+			cont = list.Continue
+			if cont == "" {
+				return nil
+			}
+		}
+	})
+}
+
+// RewriteStale patches only the objects a scan of etcd finds under a key
+// other than currentKeyID, using the mod revision from etcd as the
+// resourceVersion. Later passes use it: they touch only what is left.
+func (w *Rewriter) RewriteStale(ctx context.Context, r Resource, s Store, currentKeyID string) (RewriteStats, error) {
+	return w.run(ctx, r, func(ctx context.Context, out chan<- target) error {
+		return ScanStale(ctx, s, r, currentKeyID, w.pageSize(), func(o StaleObject) error {
+			select {
+			case out <- target{namespace: o.Namespace, name: o.Name, rv: strconv.FormatInt(o.ResourceVersion, 10)}:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+	})
+}
+
+func (w *Rewriter) pageSize() int64 {
+	if w.PageSize > 0 {
+		return w.PageSize
+	}
+	return DefaultPageSize
+}
+
+// run streams targets from produce through a bounded worker pool; only
+// counters accumulate, so memory does not grow with the object count.
+func (w *Rewriter) run(ctx context.Context, r Resource, produce func(context.Context, chan<- target) error) (RewriteStats, error) {
+	start := time.Now()
+	workers := w.Workers
+	if workers <= 0 {
+		workers = 32
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	targets := make(chan target, workers)
+	var (
+		visited, rewritten, unchanged, conflicts, skipped, errs atomic.Int64
+		mu                                                      sync.Mutex
+		samples                                                 []string
+		wg                                                      sync.WaitGroup
+	)
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for t := range targets {
+				visited.Add(1)
+				outcome, err := w.patch(ctx, r, t)
+				switch outcome {
+				case outcomeRewritten:
+					rewritten.Add(1)
+				case outcomeUnchanged:
+					unchanged.Add(1)
+				case outcomeConflict:
+					conflicts.Add(1)
+				case outcomeSkipped:
+					skipped.Add(1)
+				case outcomeError:
+					if ctx.Err() != nil {
+						continue
+					}
+					errs.Add(1)
+					w.logger().Warn("rewrite failed", "resource", r.Name, "namespace", t.namespace, "name", t.name, "error", err)
+					mu.Lock()
+					if len(samples) < maxErrorSamples {
+						samples = append(samples, fmt.Sprintf("%s/%s: %v", t.namespace, t.name, err))
+					}
+					mu.Unlock()
+				}
+				if w.Metrics != nil {
+					w.Metrics.objects.WithLabelValues(r.Name, string(outcome)).Inc()
+				}
+				if w.Progress != nil {
+					w.Progress.Done(1)
+				}
+			}
+		}()
+	}
+	perr := produce(ctx, targets)
+	close(targets)
+	wg.Wait()
+	stats := RewriteStats{
+		Resource: r.Name, Visited: visited.Load(), Rewritten: rewritten.Load(), Unchanged: unchanged.Load(),
+		Conflicts: conflicts.Load(), Skipped: skipped.Load(), Errors: errs.Load(), FirstErrors: samples,
+		Duration: Duration(time.Since(start)),
+	}
+	if perr == nil {
+		perr = ctx.Err()
+	}
+	return stats, perr
+}
+
+type outcome string
+
+const (
+	outcomeRewritten outcome = "rewritten"
+	outcomeUnchanged outcome = "unchanged"
+	outcomeConflict  outcome = "conflict"
+	outcomeSkipped   outcome = "skipped"
+	outcomeError     outcome = "error"
+)
+
+// patch sends the resourceVersion-only merge patch for one object.
+func (w *Rewriter) patch(ctx context.Context, r Resource, t target) (outcome, error) {
+	body := []byte(`{"metadata":{"resourceVersion":"` + t.rv + `"}}`)
+	var got *metav1.PartialObjectMetadata
+	err := w.retry(ctx, func() error {
+		if err := w.Limiter.Acquire(ctx); err != nil {
+			return err
+		}
+		start := time.Now()
+		var err error
+		got, err = w.Client.Resource(r.GVR).Namespace(t.namespace).Patch(ctx, t.name, types.MergePatchType, body, metav1.PatchOptions{})
+		lat := time.Since(start)
+		w.Limiter.Release(lat, err == nil || apierrors.IsConflict(err) || apierrors.IsNotFound(err))
+		if w.Metrics != nil {
+			w.Metrics.patchLatency.Observe(lat.Seconds())
+		}
+		return err
+	})
+	switch {
+	case err == nil:
+		if got.ResourceVersion == t.rv {
+			return outcomeUnchanged, nil
+		}
+		return outcomeRewritten, nil
+	case apierrors.IsConflict(err):
+		return outcomeConflict, nil
+	case apierrors.IsNotFound(err):
+		return outcomeSkipped, nil
+	}
+	return outcomeError, err
+}
+
+// retry runs op until it succeeds, fails permanently, or Attempts run out,
+// backing off exponentially (200 ms doubling to 5 s) between tries.
+func (w *Rewriter) retry(ctx context.Context, op func() error) error {
+	attempts := w.Attempts
+	if attempts <= 0 {
+		attempts = 8
+	}
+	delay := 200 * time.Millisecond
+	var err error
+	for i := 0; i < attempts; i++ {
+		err = op()
+		if err == nil || permanent(err) || ctx.Err() != nil {
+			return err
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+	return err
+}
+
+// permanent errors are answers, not failures: retrying cannot change them.
+func permanent(err error) bool {
+	return apierrors.IsConflict(err) || apierrors.IsNotFound(err) || apierrors.IsForbidden(err) ||
+		apierrors.IsUnauthorized(err) || apierrors.IsBadRequest(err) || apierrors.IsInvalid(err) ||
+		apierrors.IsMethodNotSupported(err) || errors.Is(err, context.Canceled)
+}
+
+func (w *Rewriter) logger() hclog.Logger {
+	if w.Logger == nil {
+		return hclog.NewNullLogger()
+	}
+	return w.Logger
+}
