@@ -1,0 +1,124 @@
+package emulator
+
+import (
+	"crypto/tls"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The SDK-level behaviour is tested through the real azkeys client in
+// providers/azurekv; these cases pin the wire details the SDK depends on.
+func TestWire(t *testing.T) {
+	dir := t.TempDir()
+	e, err := Start(Options{Dir: dir, Clients: map[string]string{"c": "s"}, KeySize: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if b, err := os.ReadFile(e.CAFile); err != nil || !strings.Contains(string(b), "BEGIN CERTIFICATE") {
+		t.Fatalf("ca.pem: %v", err)
+	}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.CAPool}}}
+	do := func(method, path, token string, body io.Reader, form bool) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest(method, e.URL+path, body)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		if form {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	token := func(secret string) (int, string) {
+		form := url.Values{"grant_type": {"client_credentials"}, "client_id": {"c"}, "client_secret": {secret},
+			"scope": {DefaultResource + "/.default openid"}}
+		resp := do("POST", e.TenantID+"/oauth2/v2.0/token", "", strings.NewReader(form.Encode()), true)
+		var out struct {
+			AccessToken string `json:"access_token"`
+		}
+		_ = json.NewDecoder(resp.Body).Decode(&out)
+		return resp.StatusCode, out.AccessToken
+	}
+
+	cases := []struct {
+		name string
+		run  func(t *testing.T)
+	}{
+		{"ChallengeWithoutToken", func(t *testing.T) {
+			resp := do("GET", "keys/k?api-version=7.5", "", nil, false)
+			want := `Bearer authorization="` + e.URL + e.TenantID + `", resource="https://vault.azure.net"`
+			if got := resp.Header.Get("WWW-Authenticate"); resp.StatusCode != 401 || got != want {
+				t.Fatalf("got %d %q, want 401 %q", resp.StatusCode, got, want)
+			}
+		}},
+		{"WrongSecretRefused", func(t *testing.T) {
+			if code, _ := token("nope"); code != http.StatusUnauthorized {
+				t.Fatalf("token with a wrong secret: got %d, want 401", code)
+			}
+		}},
+		{"TokenOpensVault", func(t *testing.T) {
+			code, tok := token("s")
+			if code != 200 || tok == "" {
+				t.Fatalf("token: got %d", code)
+			}
+			if resp := do("GET", "keys/none?api-version=7.5", tok, nil, false); resp.StatusCode != http.StatusNotFound {
+				t.Fatalf("get of a missing key with a token: got %d, want 404", resp.StatusCode)
+			}
+		}},
+		{"ThrottleSendsRetryAfter", func(t *testing.T) {
+			e.Throttle(1, 1500*time.Millisecond)
+			resp := do("GET", "keys/k?api-version=7.5", "", nil, false)
+			if resp.StatusCode != 429 || resp.Header.Get("Retry-After") != "2" || resp.Header.Get("retry-after-ms") != "1500" {
+				t.Fatalf("got %d Retry-After %q retry-after-ms %q, want 429, 2, 1500", resp.StatusCode,
+					resp.Header.Get("Retry-After"), resp.Header.Get("retry-after-ms"))
+			}
+			if resp := do("GET", "keys/k?api-version=7.5", "", nil, false); resp.StatusCode != 401 {
+				t.Fatalf("after the one throttled request: got %d, want 401", resp.StatusCode)
+			}
+		}},
+		{"Outage503", func(t *testing.T) {
+			e.SetOutage(OutageUnavailable)
+			defer e.SetOutage(OutageNone)
+			if resp := do("GET", "keys/k?api-version=7.5", "", nil, false); resp.StatusCode != 503 {
+				t.Fatalf("got %d, want 503", resp.StatusCode)
+			}
+		}},
+		{"RotateKeepsTypeDropsTags", func(t *testing.T) {
+			if _, err := e.CreateKey("hsm", KeyOptions{Kty: "RSA-HSM", Tags: map[string]string{"a": "b"}}); err != nil {
+				t.Fatal(err)
+			}
+			kid, err := e.RotateKey("hsm")
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, tok := token("s")
+			resp := do("GET", "keys/hsm?api-version=7.5", tok, nil, false)
+			var out struct {
+				Key  struct{ Kid, Kty string }
+				Tags map[string]string
+			}
+			_ = json.NewDecoder(resp.Body).Decode(&out)
+			if out.Key.Kid != kid || out.Key.Kty != "RSA-HSM" || len(out.Tags) != 0 {
+				t.Fatalf("latest version %+v, want kid %s, RSA-HSM, no tags", out, kid)
+			}
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, tc.run)
+	}
+	if c := e.Counts(); c.Throttled != 1 || c.Tokens < 2 {
+		t.Errorf("counts %+v, want 1 throttled and at least 2 tokens", c)
+	}
+}
