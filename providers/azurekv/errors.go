@@ -94,7 +94,13 @@ func classify(o op, target string, err error) error {
 		return fmt.Errorf("%s: no usable credential: %s: %w", prefix, firstLine(err.Error()), providers.ErrPermissionDenied)
 	}
 	// Deadlines, cancellations and transport errors: the vault may answer
-	// later.
+	// later. Context errors stay in the chain so the breaker can tell a
+	// caller that gave up from a vault that is down.
+	for _, ce := range []error{context.Canceled, context.DeadlineExceeded} {
+		if errors.Is(err, ce) {
+			return fmt.Errorf("%s: %w: %w", prefix, ce, providers.ErrUnavailable)
+		}
+	}
 	return fmt.Errorf("%s: %s: %w", prefix, firstLine(err.Error()), providers.ErrUnavailable)
 }
 

@@ -40,6 +40,7 @@ type Provider struct {
 	alg    azkeys.EncryptionAlgorithm
 
 	state   atomic.Pointer[state]
+	seq     atomic.Uint64 // orders lists, see publish
 	breaker *breaker
 	cache   *unwrapCache
 	unwraps singleflight.Group
@@ -287,15 +288,23 @@ func (p *Provider) lookup(ctx context.Context, id string) (*version, error) {
 	if v := st.versions[id]; v != nil {
 		return v, nil
 	}
-	// Skip the refresh if one finished after this call began (a burst of
-	// misses shares one list call through singleflight as well).
-	if !st.fetched.After(start) {
-		if err := p.Refresh(ctx); err != nil {
+	// A burst of misses shares one list through singleflight; if the shared
+	// list began before this call, it may predate the version, so list
+	// once more.
+	if err := p.Refresh(ctx); err != nil {
+		return nil, fmt.Errorf("azurekv: decrypt: version %s unknown and refresh failed: %w", id, err)
+	}
+	st = p.state.Load()
+	if v := st.versions[id]; v != nil {
+		return v, nil
+	}
+	if st.fetched.Before(start) {
+		if err := p.reload(ctx); err != nil {
 			return nil, fmt.Errorf("azurekv: decrypt: version %s unknown and refresh failed: %w", id, err)
 		}
-	}
-	if v := p.state.Load().versions[id]; v != nil {
-		return v, nil
+		if v := p.state.Load().versions[id]; v != nil {
+			return v, nil
+		}
 	}
 	return nil, fmt.Errorf("azurekv: decrypt: key %s has no version %s: %w", p.cfg.KeyName, id, providers.ErrKeyNotFound)
 }
@@ -318,46 +327,64 @@ func (p *Provider) PrimaryKeyID(context.Context) (string, error) {
 // primary. The plugin calls it every few seconds; concurrent calls share
 // one list.
 func (p *Provider) Refresh(ctx context.Context) error {
-	_, err, _ := p.refresh.Do("", func() (any, error) {
-		var props []*azkeys.KeyProperties
-		err := p.call(opList, p.cfg.KeyName, func() error {
-			pager := p.client.NewListKeyPropertiesVersionsPager(p.cfg.KeyName, nil)
-			for pager.More() {
-				page, err := pager.NextPage(ctx)
-				if err != nil {
-					return err
-				}
-				props = append(props, page.Value...)
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
-		if len(props) == 0 {
-			return nil, fmt.Errorf("azurekv: list versions %s: no versions: %w", p.cfg.KeyName, providers.ErrKeyNotFound)
-		}
-		p.setState(newState(p.host, p.cfg.KeyName, p.cfg.KeyVersion, props, time.Now()))
-		return nil, nil
-	})
+	_, err, _ := p.refresh.Do("", func() (any, error) { return nil, p.reload(ctx) })
 	return err
 }
 
-// setState publishes a snapshot and logs primary changes.
-func (p *Provider) setState(st *state) {
-	old := p.state.Swap(st)
-	var was, now string
-	if old != nil && old.primary != nil {
-		was = old.primary.keyID
+// reload lists the versions itself, never joining a list already in flight:
+// lifecycle operations call it after a write and must see that write.
+func (p *Provider) reload(ctx context.Context) error {
+	seq, started := p.seq.Add(1), time.Now()
+	var props []*azkeys.KeyProperties
+	err := p.call(opList, p.cfg.KeyName, func() error {
+		pager := p.client.NewListKeyPropertiesVersionsPager(p.cfg.KeyName, nil)
+		for pager.More() {
+			page, err := pager.NextPage(ctx)
+			if err != nil {
+				return err
+			}
+			props = append(props, page.Value...)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	if st.primary != nil {
-		now = st.primary.keyID
+	if len(props) == 0 {
+		return fmt.Errorf("azurekv: list versions %s: no versions: %w", p.cfg.KeyName, providers.ErrKeyNotFound)
 	}
-	if was != now {
-		p.log.Info("primary key version changed", "from", was, "to", now, "key_id_hash", providers.HashKeyID(now))
-	}
-	if st.reason != "" && (old == nil || old.reason != st.reason) {
-		p.log.Warn("primary key version problem", "reason", st.reason)
+	st := newState(p.host, p.cfg.KeyName, p.cfg.KeyVersion, props, started)
+	st.seq = seq
+	p.publish(st)
+	return nil
+}
+
+// publish installs st unless a list that started later already published
+// (a slow background list must not undo a promote seen by a newer one), and
+// logs primary changes.
+func (p *Provider) publish(st *state) {
+	for {
+		old := p.state.Load()
+		if old != nil && old.seq > st.seq {
+			return
+		}
+		if !p.state.CompareAndSwap(old, st) {
+			continue
+		}
+		var was, now string
+		if old != nil && old.primary != nil {
+			was = old.primary.keyID
+		}
+		if st.primary != nil {
+			now = st.primary.keyID
+		}
+		if was != now {
+			p.log.Info("primary key version changed", "from", was, "to", now, "key_id_hash", providers.HashKeyID(now))
+		}
+		if st.reason != "" && (old == nil || old.reason != st.reason) {
+			p.log.Warn("primary key version problem", "reason", st.reason)
+		}
+		return
 	}
 }
 

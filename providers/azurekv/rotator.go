@@ -13,7 +13,7 @@ import (
 
 // Versions lists the key's versions, oldest first, from a fresh list.
 func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error) {
-	if err := p.Refresh(ctx); err != nil {
+	if err := p.reload(ctx); err != nil {
 		return nil, err
 	}
 	return p.state.Load().keyVersions(), nil
@@ -26,7 +26,7 @@ func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error)
 // policy then only adds versions for `kmsctl keys promote`). The new
 // version copies the primary's key type and size.
 func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, error) {
-	if err := p.Refresh(ctx); err != nil {
+	if err := p.reload(ctx); err != nil {
 		return providers.KeyVersion{}, err
 	}
 	st := p.state.Load()
@@ -60,7 +60,7 @@ func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, err
 	if err != nil {
 		return providers.KeyVersion{}, err
 	}
-	if err := p.Refresh(ctx); err != nil {
+	if err := p.reload(ctx); err != nil {
 		return providers.KeyVersion{}, err
 	}
 	if now, _ := p.PrimaryKeyID(ctx); now == v.KeyID {
@@ -97,7 +97,7 @@ func (p *Provider) Promote(ctx context.Context, keyID string) error {
 			}
 		}
 	}
-	if err := p.Refresh(ctx); err != nil {
+	if err := p.reload(ctx); err != nil {
 		return err
 	}
 	if got, _ := p.PrimaryKeyID(ctx); got != keyID {
@@ -136,7 +136,7 @@ func (p *Provider) fresh(ctx context.Context, keyID string) (*version, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := p.Refresh(ctx); err != nil {
+	if err := p.reload(ctx); err != nil {
 		return nil, err
 	}
 	v := p.state.Load().versions[id]
@@ -157,7 +157,7 @@ func (p *Provider) setEnabled(ctx context.Context, v *version, enabled bool) err
 		return err
 	}
 	p.log.Info("key version state changed", "key_id", v.keyID, "enabled", enabled)
-	return p.Refresh(ctx)
+	return p.reload(ctx)
 }
 
 // setTag adds or removes PrimaryTag on v, keeping its other tags (an

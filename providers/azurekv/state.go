@@ -46,7 +46,8 @@ type state struct {
 	primary  *version   // nil when no version can encrypt
 	reason   string     // why primary is nil, for errors
 	tagMode  bool       // some version carries a valid PrimaryTag
-	fetched  time.Time
+	fetched  time.Time  // when the list behind it started
+	seq      uint64     // order of that list among this process's lists
 }
 
 // newState builds a snapshot from listed versions and chooses the primary:
