@@ -1,8 +1,11 @@
 package azurekv
 
 import (
+	"context"
+
 	"errors"
 	"fmt"
+	"github.com/hashicorp/go-hclog"
 	"net/http"
 	"strings"
 	"testing"
@@ -293,5 +296,31 @@ func TestManyVersionsArePaged(t *testing.T) {
 	}
 	if len(vs) != 30 || vs[29].State != providers.StatePrimary {
 		t.Fatalf("Versions: %d versions, last %+v; want 30 with the newest primary", len(vs), vs[len(vs)-1])
+	}
+}
+
+// A slow list that started before a newer one must not overwrite it, or a
+// background refresh could undo a promote for one interval.
+func TestOlderListDoesNotOverwriteNewer(t *testing.T) {
+	p := &Provider{log: hclog.NewNullLogger()}
+	older := newState("h", "k", "", []*azkeys.KeyProperties{props("a", 1, true, nil)}, time.Now())
+	newer := newState("h", "k", "", []*azkeys.KeyProperties{props("a", 1, true, nil), props("b", 2, true, nil)}, time.Now())
+	older.seq, newer.seq = 1, 2
+	p.publish(newer)
+	p.publish(older)
+	if got, _ := p.PrimaryKeyID(context.Background()); got != "azurekv:h/k/b" {
+		t.Fatalf("primary = %q after a stale publish, want the newer list's azurekv:h/k/b", got)
+	}
+}
+
+// Callers giving up are not a vault outage.
+func TestBreakerIgnoresCancellation(t *testing.T) {
+	b := newBreaker(nil)
+	for i := 0; i < 2*b.threshold; i++ {
+		done, err := b.allow()
+		if err != nil {
+			t.Fatalf("call %d refused: %v", i, err)
+		}
+		done(classify(opUnwrap, "k/v", context.Canceled))
 	}
 }
