@@ -2,10 +2,8 @@ package azurekv
 
 import (
 	"context"
-
 	"errors"
 	"fmt"
-	"github.com/hashicorp/go-hclog"
 	"net/http"
 	"strings"
 	"testing"
@@ -14,6 +12,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
+	"github.com/hashicorp/go-hclog"
 	"sigs.k8s.io/yaml"
 
 	"github.com/kms-v2/kms-plugin/e2e/keyvault-emulator/emulator"
