@@ -28,7 +28,7 @@ func main() {
 }
 
 // subcommands lists the top-level commands; each file adds its own.
-var subcommands = []func() *cobra.Command{keysCommand}
+var subcommands = []func() *cobra.Command{keysCommand, rotateCommand, censusCommand}
 
 // exitError carries a specific exit code (for scripts) with its message.
 type exitError struct {
