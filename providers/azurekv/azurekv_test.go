@@ -445,17 +445,14 @@ func TestDisabledVersionIsNotServedFromCache(t *testing.T) {
 	if _, err := p.Decrypt(ctxT(t), s); err != nil {
 		t.Fatal(err)
 	}
-	_, newID := func() (string, string) {
-		v, err := p.CreateVersion(ctxT(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := p.Promote(ctxT(t), v.KeyID); err != nil {
-			t.Fatal(err)
-		}
-		return "", v.KeyID
-	}()
-	_ = newID
+	// Move the primary on, so the old version may be disabled.
+	v, err := p.CreateVersion(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Promote(ctxT(t), v.KeyID); err != nil {
+		t.Fatal(err)
+	}
 	// Disabled in the portal, seen at the next refresh.
 	if err := e.SetEnabled(testKey, s.KeyID[strings.LastIndex(s.KeyID, "/")+1:], false); err != nil {
 		t.Fatal(err)
