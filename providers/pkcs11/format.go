@@ -1,6 +1,7 @@
 package pkcs11
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/kms-v2/kms-plugin/providers"
@@ -39,3 +40,9 @@ func unframe(b []byte) (iv, ct []byte, err error) {
 	}
 	return b[1 : 1+ivSize], b[1+ivSize:], nil
 }
+
+// ErrUnsafeKey: a key object with one of our labels could leave the token
+// (CKA_EXTRACTABLE true or CKA_SENSITIVE false) or is not an AES-256 key. The
+// provider refuses to use any key of such a token until the object is fixed
+// or removed, because a KEK that can be exported is not an HSM-held key.
+var ErrUnsafeKey = errors.New("key object is not a sensitive, non-extractable AES-256 key")

@@ -1,3 +1,5 @@
+//go:build cgo
+
 package pkcs11
 
 import (
@@ -14,12 +16,6 @@ import (
 
 	"github.com/kms-v2/kms-plugin/providers"
 )
-
-// ErrUnsafeKey: a key object with one of our labels could leave the token
-// (CKA_EXTRACTABLE true or CKA_SENSITIVE false) or is not an AES-256 key. The
-// provider refuses to use any key of such a token until the object is fixed
-// or removed, because a KEK that can be exported is not an HSM-held key.
-var ErrUnsafeKey = errors.New("key object is not a sensitive, non-extractable AES-256 key")
 
 // errNoState: the token has no metadata object for this keyLabel yet.
 var errNoState = errors.New("no key state on token")

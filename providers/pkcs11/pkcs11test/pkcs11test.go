@@ -39,6 +39,12 @@ type Token struct {
 // token: "SOFTHSM2_CONF=<ConfPath>".
 func (tk Token) Env() string { return "SOFTHSM2_CONF=" + tk.ConfPath }
 
+// ProviderYAML is the body of a plugin config's `provider:` section for
+// this token, with key objects labelled keyLabel-<n>.
+func (tk Token) ProviderYAML(keyLabel string) string {
+	return fmt.Sprintf("pkcs11:\n  module: %s\n  tokenLabel: %s\n  pinFile: %s\n  keyLabel: %s\n", tk.Module, tk.Label, tk.PinFile, keyLabel)
+}
+
 // moduleCandidates are where distributions install SoftHSM2's module.
 var moduleCandidates = []string{
 	"/usr/lib/softhsm/libsofthsm2.so",
