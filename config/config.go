@@ -129,7 +129,12 @@ func Load(path string) (*Config, error) {
 func Parse(data []byte, dir string) (*Config, error) {
 	var c Config
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
-		return nil, errors.New(oneLine(err.Error()))
+		// Drop the decoder's layered prefixes; keep what names the problem.
+		msg := oneLine(err.Error())
+		for _, p := range []string{"error unmarshaling JSON: ", "while decoding JSON: ", "json: "} {
+			msg = strings.TrimPrefix(msg, p)
+		}
+		return nil, errors.New(msg)
 	}
 	if c.Socket != "" && !strings.HasPrefix(c.Socket, "@") && !filepath.IsAbs(c.Socket) {
 		c.Socket = filepath.Join(dir, c.Socket)

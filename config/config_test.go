@@ -1,0 +1,110 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParse(t *testing.T) {
+	dir := "/etc/kms-plugin"
+	tests := []struct {
+		name    string
+		yaml    string
+		wantErr string
+		check   func(t *testing.T, c *Config)
+	}{
+		{
+			name: "minimal with defaults and relative keyset",
+			yaml: "socket: /run/kms/kms.sock\nprovider:\n  file:\n    path: keyset.json\n",
+			check: func(t *testing.T, c *Config) {
+				if got, want := c.Provider.File.Path, "/etc/kms-plugin/keyset.json"; got != want {
+					t.Errorf("file.path = %q, want %q", got, want)
+				}
+				if got, want := time.Duration(c.CheckInterval), DefaultCheckInterval; got != want {
+					t.Errorf("checkInterval = %v, want %v", got, want)
+				}
+				if c.Log.Level != "info" || c.Log.Format != "text" {
+					t.Errorf("log = %+v, want info/text", c.Log)
+				}
+			},
+		},
+		{
+			name: "relative socket resolves against the config folder",
+			yaml: "socket: run/kms.sock\nprovider: {file: {path: /k.json}}\n",
+			check: func(t *testing.T, c *Config) {
+				if got, want := c.Socket, "/etc/kms-plugin/run/kms.sock"; got != want {
+					t.Errorf("socket = %q, want %q", got, want)
+				}
+			},
+		},
+		{
+			name: "all fields",
+			yaml: "socket: /s\nsocketGroup: kms\nhealth: 127.0.0.1:8080\ncheckInterval: 2s\nrefreshInterval: 1s\nmaxStaleness: 1m\nlog: {level: debug, format: json}\nprovider: {file: {path: /k}}\n",
+			check: func(t *testing.T, c *Config) {
+				if c.SocketGroup != "kms" || c.Health != "127.0.0.1:8080" || time.Duration(c.MaxStaleness) != time.Minute {
+					t.Errorf("parsed %+v", c)
+				}
+			},
+		},
+		{name: "unknown field is named", yaml: "socket: /s\nsokcet: /x\nprovider: {file: {path: /k}}\n", wantErr: `unknown field "sokcet"`},
+		{name: "unknown provider field is named", yaml: "socket: /s\nprovider: {file: {path: /k, pth: x}}\n", wantErr: `unknown field "pth"`},
+		{name: "malformed yaml", yaml: "socket: [\n", wantErr: "yaml"},
+		{name: "missing socket", yaml: "provider: {file: {path: /k}}\n", wantErr: "socket: missing"},
+		{name: "abstract socket", yaml: "socket: '@kms'\nprovider: {file: {path: /k}}\n", wantErr: "abstract"},
+		{name: "no provider", yaml: "socket: /s\n", wantErr: "no backend configured"},
+		{name: "file without path", yaml: "socket: /s\nprovider: {file: {}}\n", wantErr: "provider.file: path: missing"},
+		{name: "health not loopback", yaml: "socket: /s\nhealth: 0.0.0.0:80\nprovider: {file: {path: /k}}\n", wantErr: "loopback"},
+		{name: "bad duration", yaml: "socket: /s\ncheckInterval: soon\nprovider: {file: {path: /k}}\n", wantErr: "duration"},
+		{name: "tiny interval", yaml: "socket: /s\nrefreshInterval: 1ms\nprovider: {file: {path: /k}}\n", wantErr: "refreshInterval"},
+		{name: "bad log level", yaml: "socket: /s\nlog: {level: loud}\nprovider: {file: {path: /k}}\n", wantErr: "log.level"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Parse([]byte(tt.yaml), dir)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("Parse: got %v, want an error containing %q", err, tt.wantErr)
+				}
+				if strings.Contains(err.Error(), "\n") {
+					t.Fatalf("error is not one line: %q", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			tt.check(t, c)
+		})
+	}
+}
+
+func TestLoadNamesTheFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(p, []byte("socket: [\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(p); err == nil || !strings.Contains(err.Error(), p) {
+		t.Fatalf("Load: got %v, want an error naming %s", err, p)
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+		t.Fatal("Load of a missing file succeeded")
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte("socket: /s\nprovider: {file: {path: k}}\n"))
+	f.Add([]byte("socket: '@x'\n"))
+	f.Add([]byte("{"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := Parse(data, "/etc")
+		if err != nil {
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("Parse returned a config that fails Validate: %v", err)
+		}
+	})
+}
