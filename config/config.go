@@ -16,7 +16,9 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/kms-v2/kms-plugin/providers/azurekv"
 	"github.com/kms-v2/kms-plugin/providers/file"
+	"github.com/kms-v2/kms-plugin/providers/pkcs11"
 )
 
 // Defaults for optional fields.
@@ -65,6 +67,10 @@ type Log struct {
 type Provider struct {
 	// File is a local Tink keyset file.
 	File *file.Config `json:"file,omitempty"`
+	// PKCS11 is a key in a PKCS#11 token (an HSM, or SoftHSM2 in tests).
+	PKCS11 *pkcs11.Config `json:"pkcs11,omitempty"`
+	// AzureKeyVault is a key in Azure Key Vault or Managed HSM.
+	AzureKeyVault *azurekv.Config `json:"azureKeyVault,omitempty"`
 }
 
 // backendConfig is what every backend's Config offers for loading.
@@ -85,6 +91,8 @@ type section struct {
 func (p Provider) sections() []section {
 	return []section{
 		{"file", p.File != nil, p.File},
+		{"pkcs11", p.PKCS11 != nil, p.PKCS11},
+		{"azureKeyVault", p.AzureKeyVault != nil, p.AzureKeyVault},
 	}
 }
 

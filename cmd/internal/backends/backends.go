@@ -13,7 +13,9 @@ import (
 
 	"github.com/kms-v2/kms-plugin/config"
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/providers/azurekv"
 	"github.com/kms-v2/kms-plugin/providers/file"
+	"github.com/kms-v2/kms-plugin/providers/pkcs11"
 )
 
 // backend opens a provider or creates its first key from its config section.
@@ -30,6 +32,22 @@ var registry = map[string]backend{
 		},
 		init: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.KeyVersion, error) {
 			return file.Init(ctx, *p.File, l)
+		},
+	},
+	"pkcs11": {
+		open: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.Provider, error) {
+			return pkcs11.New(ctx, *p.PKCS11, l)
+		},
+		init: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.KeyVersion, error) {
+			return pkcs11.Init(ctx, *p.PKCS11, l)
+		},
+	},
+	"azureKeyVault": {
+		open: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.Provider, error) {
+			return azurekv.New(ctx, *p.AzureKeyVault, l)
+		},
+		init: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.KeyVersion, error) {
+			return azurekv.Init(ctx, *p.AzureKeyVault, l)
 		},
 	},
 }
