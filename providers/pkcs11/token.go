@@ -78,7 +78,7 @@ func kindOf(err error) errKind {
 	case pkcs11.CKR_USER_NOT_LOGGED_IN:
 		return kindLoggedOut
 	case pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_SLOT_ID_INVALID,
-		pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_SESSION_COUNT:
+		pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_TOKEN_NOT_RECOGNIZED:
 		return kindDeviceLost
 	}
 	return kindOther
