@@ -58,7 +58,8 @@ func BenchmarkProviderRoundTrip(b *testing.B) {
 
 // BenchmarkTokenAESGCMEncrypt is the device's own limit: a bare
 // C_EncryptInit + C_Encrypt of 32 bytes with the same key on the same token,
-// one session per goroutine, no provider code.
+// one session per goroutine, no provider code. The IV is fixed: fine for
+// timing, never for data.
 func BenchmarkTokenAESGCMEncrypt(b *testing.B) {
 	for _, n := range []int{1, 16} {
 		b.Run("goroutines="+strconv.Itoa(n), func(b *testing.B) {

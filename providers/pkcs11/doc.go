@@ -14,6 +14,12 @@
 // its object is deleted), and each version's creation time. Every plugin
 // instance and kmsctl process using the token reads the primary from there,
 // which is how instances follow a promote after their next Refresh.
+// PKCS#11 makes a data object's CKA_VALUE read-only after creation, so a
+// write creates the successor (with a higher serial) before it removes the
+// predecessor; a reader that finds both takes the higher serial. (Do not
+// "fix" this with C_SetAttributeValue: besides failing with
+// CKR_ATTRIBUTE_READ_ONLY, on SoftHSM2 2.6.1 that failed call crashed
+// concurrent crypto operations in the same process.)
 //
 // A disabled version is one whose CKA_ENCRYPT and CKA_DECRYPT attributes are
 // false. That choice puts the state where the token enforces it: a disabled
@@ -29,6 +35,11 @@
 // HSMs do), the IV it reports back is the one stored. Kube-apiserver wraps a
 // new seed rarely (at start and on key change), so random 96-bit IVs stay far
 // below the 2^32 messages-per-key bound.
+//
+// A tampered ciphertext should fail C_Decrypt with CKR_ENCRYPTED_DATA_INVALID;
+// SoftHSM2 reports CKR_GENERAL_ERROR instead, so a CKR_GENERAL_ERROR from
+// C_Decrypt on a session that still answers C_GetSessionInfo is taken as
+// ErrInvalidCiphertext, not as a sick token.
 //
 // # Why miekg/pkcs11 and not crypto11
 //
