@@ -28,8 +28,9 @@ type Token struct {
 	Module string
 	// Label is the token label (pkcs11.tokenLabel).
 	Label string
-	// PIN is the user PIN; PinFile holds it with mode 0600.
-	PIN     string
+	// PIN is the user PIN.
+	PIN string
+	// PinFile holds PIN and a newline, with mode 0600 (pkcs11.pinFile).
 	PinFile string
 	// SOPIN is the security officer PIN.
 	SOPIN string
@@ -83,9 +84,20 @@ func randomHex(t testing.TB, n int) string {
 }
 
 // NewToken creates a token labelled label (a random one if empty) in a new
-// temporary directory, points SOFTHSM2_CONF at it for the rest of the test,
-// and writes the user PIN to a 0600 file.
+// temporary directory, points SOFTHSM2_CONF at it for the rest of the test
+// (so providers in this process see it; t.Setenv rules out t.Parallel), and
+// writes the user PIN to a 0600 file.
 func NewToken(t testing.TB, label string) Token {
+	t.Helper()
+	tk := NewDetachedToken(t, label)
+	t.Setenv("SOFTHSM2_CONF", tk.ConfPath)
+	return tk
+}
+
+// NewDetachedToken is NewToken without touching this process's
+// environment, for tests that use the token only from child processes
+// (give them Token.Env) and may run in parallel.
+func NewDetachedToken(t testing.TB, label string) Token {
 	t.Helper()
 	if label == "" {
 		label = "kms-" + randomHex(t, 4)
@@ -120,7 +132,6 @@ func NewToken(t testing.TB, label string) Token {
 	if err := os.WriteFile(tk.PinFile, []byte(tk.PIN+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	t.Setenv("SOFTHSM2_CONF", tk.ConfPath)
 	cmd := exec.Command(util, "--init-token", "--free", "--label", label, "--so-pin", tk.SOPIN, "--pin", tk.PIN)
 	cmd.Env = append(os.Environ(), tk.Env())
 	if out, err := cmd.CombinedOutput(); err != nil {
