@@ -1,0 +1,331 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/rest"
+
+	"github.com/kms-v2/kms-plugin/providers"
+)
+
+// cluster is the fake world a Run sees: etcd, one apiserver that follows the
+// provider's primary, the provider, and a clientset for the lease.
+type cluster struct {
+	etcd *fakeEtcd
+	api  *fakeAPIServer
+	rot  *fakeRotator
+	kube *fake.Clientset
+}
+
+func newCluster(t *testing.T, primaryAge time.Duration, secrets, configmaps int) *cluster {
+	c := &cluster{etcd: newFakeEtcd(), rot: newFakeRotator(primaryAge), kube: fake.NewClientset()}
+	seed(t, c.etcd, "secrets", "file:k/1", secrets)
+	seed(t, c.etcd, "configmaps", "file:k/1", configmaps)
+	c.api = newFakeAPIServer(t, c.etcd, "file:k/1")
+	c.rot.onPromote = c.api.setCurrent
+	return c
+}
+
+func (c *cluster) rotation(t *testing.T) *Rotation {
+	l := NewLimiter(LimiterConfig{Max: 8})
+	return &Rotation{
+		Rotator: c.rot, Kube: c.kube, Store: c.etcd,
+		Rewriter: &Rewriter{Client: c.api.metadata(t, l), Limiter: l, Workers: 8, PageSize: 10, Attempts: 2},
+	}
+}
+
+func (c *cluster) census(t *testing.T, current string, names ...string) *Census {
+	var rs []Resource
+	for _, n := range names {
+		rs = append(rs, mustResource(t, n))
+	}
+	cs, err := TakeCensus(context.Background(), c.etcd, rs, current, CensusOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cs
+}
+
+func opts(t *testing.T, names ...string) Options {
+	var rs []Resource
+	for _, n := range names {
+		rs = append(rs, mustResource(t, n))
+	}
+	return Options{Resources: rs, Identity: "test-" + t.Name(), MaxPasses: 3}
+}
+
+func TestRunForcedRotationRetiresOldKey(t *testing.T) {
+	c := newCluster(t, time.Hour, 40, 15)
+	o := opts(t, "secrets", "configmaps")
+	o.Force, o.Retire = true, true
+	rep, err := c.rotation(t).Run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := rep.NewKeyID, "file:k/2"; got != want {
+		t.Errorf("new key: got %s, want %s", got, want)
+	}
+	if got, want := c.census(t, "file:k/2", "secrets", "configmaps").Stale(), 0; got != want {
+		t.Errorf("stale after: got %d, want %d", got, want)
+	}
+	if got, want := c.rot.state("file:k/1"), providers.StateDisabled; got != want {
+		t.Errorf("old key: got %s, want %s", got, want)
+	}
+	if got, want := rep.Rewrite["secrets"].Rewritten, int64(40); got != want {
+		t.Errorf("secrets rewritten: got %d, want %d", got, want)
+	}
+	lease, err := c.kube.CoordinationV1().Leases(DefaultLeaseNamespace).Get(context.Background(), DefaultLeaseName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := lease.Annotations[TargetAnnotation]; got != "" {
+		t.Errorf("lease target after a finished rotation: got %q, want none", got)
+	}
+}
+
+func TestRunRetireRefusesWhileOldKeyReferenced(t *testing.T) {
+	c := newCluster(t, time.Hour, 20, 5)
+	o := opts(t, "secrets") // configmaps stay under file:k/1
+	o.Force, o.Retire = true, true
+	rep, err := c.rotation(t).Run(context.Background(), o)
+	if !errors.Is(err, ErrRetireRefused) {
+		t.Fatalf("err: got %v, want ErrRetireRefused", err)
+	}
+	if got, want := c.rot.state("file:k/1"), providers.StateEnabled; got != want {
+		t.Errorf("old key: got %s, want %s", got, want)
+	}
+	if got, want := rep.References["file:k/1"], 5; got != want {
+		t.Errorf("references reported: got %d, want %d", got, want)
+	}
+	if !strings.Contains(rep.RetireRefused, "5 objects") {
+		t.Errorf("refusal %q does not give the count", rep.RetireRefused)
+	}
+}
+
+func TestRunChangesNothing(t *testing.T) {
+	tests := []struct {
+		name       string
+		primaryAge time.Duration
+		change     func(*Options)
+		wantAction string
+	}{
+		{name: "young primary", primaryAge: time.Hour, change: func(o *Options) { o.IfOlderThan = 720 * time.Hour; o.Retire = true }, wantAction: "skipped"},
+		{name: "dry run of a forced rotation", primaryAge: time.Hour, change: func(o *Options) { o.Force, o.DryRun = true, true }, wantAction: "dry run"},
+		{name: "dry run of an old primary", primaryAge: 1000 * time.Hour, change: func(o *Options) { o.IfOlderThan, o.DryRun = 720*time.Hour, true }, wantAction: "dry run"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newCluster(t, tt.primaryAge, 10, 0)
+			rev := c.etcd.rev
+			o := opts(t, "secrets")
+			tt.change(&o)
+			rep, err := c.rotation(t).Run(context.Background(), o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, want := rep.Action, tt.wantAction; got != want {
+				t.Errorf("action: got %q, want %q", got, want)
+			}
+			if got, want := c.etcd.rev, rev; got != want {
+				t.Errorf("etcd revision: got %d, want %d (nothing written)", got, want)
+			}
+			if got, want := c.rot.created, 0; got != want {
+				t.Errorf("versions created: got %d, want %d", got, want)
+			}
+			if got, want := c.api.patches, 0; got != want {
+				t.Errorf("patches: got %d, want %d", got, want)
+			}
+		})
+	}
+}
+
+func TestRunResumes(t *testing.T) {
+	tests := []struct {
+		name string
+		// crash leaves the state a killed run would.
+		crash       func(t *testing.T, c *cluster)
+		wantPatches int
+	}{
+		{
+			name: "after create: the recorded pending version is promoted, not a new one",
+			crash: func(t *testing.T, c *cluster) {
+				v, _ := c.rot.CreateVersion(context.Background())
+				setLeaseTarget(t, c, v.KeyID)
+			},
+			wantPatches: 30,
+		},
+		{
+			name: "after promote: only the rewrite is left",
+			crash: func(t *testing.T, c *cluster) {
+				v, _ := c.rot.CreateVersion(context.Background())
+				setLeaseTarget(t, c, v.KeyID)
+				c.rot.Promote(context.Background(), v.KeyID)
+			},
+			wantPatches: 30,
+		},
+		{
+			name: "mid rewrite: only the stale objects are patched",
+			crash: func(t *testing.T, c *cluster) {
+				v, _ := c.rot.CreateVersion(context.Background())
+				setLeaseTarget(t, c, v.KeyID)
+				c.rot.Promote(context.Background(), v.KeyID)
+				for i := range 25 {
+					c.etcd.put(fmt.Sprintf("/registry/secrets/ns%d/obj-%04d", i%3, i), kmsValue(t, v.KeyID))
+				}
+			},
+			wantPatches: 5,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newCluster(t, time.Hour, 30, 0)
+			tt.crash(t, c)
+			c.rot.created = 0
+			o := opts(t, "secrets")
+			o.Retire = true
+			rep, err := c.rotation(t).Run(context.Background(), o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, want := c.rot.created, 0; got != want {
+				t.Errorf("versions created by the rerun: got %d, want %d", got, want)
+			}
+			if got, want := c.census(t, "file:k/2", "secrets").Stale(), 0; got != want {
+				t.Errorf("stale after: got %d, want %d", got, want)
+			}
+			if got, want := c.api.patches, tt.wantPatches; got != want {
+				t.Errorf("patches: got %d, want %d", got, want)
+			}
+			if got, want := rep.Retired, []string{"file:k/1"}; fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("retired: got %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+func setLeaseTarget(t *testing.T, c *cluster, keyID string) {
+	t.Helper()
+	holder, secs := "killed-run", int32(30)
+	old := metav1.NewMicroTime(time.Now().Add(-time.Minute))
+	_, err := c.kube.CoordinationV1().Leases(DefaultLeaseNamespace).Create(context.Background(), &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: DefaultLeaseName, Namespace: DefaultLeaseNamespace, Annotations: map[string]string{TargetAnnotation: keyID}},
+		Spec:       coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &secs, RenewTime: &old},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRunRefusesWhileAnotherRunHoldsTheLease(t *testing.T) {
+	c := newCluster(t, time.Hour, 5, 0)
+	if _, err := AcquireLock(context.Background(), c.kube, DefaultLeaseNamespace, DefaultLeaseName, "other", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	o := opts(t, "secrets")
+	o.Force = true
+	_, err := c.rotation(t).Run(context.Background(), o)
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("err: got %v, want ErrLocked", err)
+	}
+	if got, want := c.rot.created, 0; got != want {
+		t.Errorf("versions created: got %d, want %d", got, want)
+	}
+}
+
+func TestRunReportsObjectsLeftBehind(t *testing.T) {
+	c := newCluster(t, time.Hour, 10, 0)
+	c.api.onPatch = func(key string) (int, string) {
+		if strings.HasSuffix(key, "obj-0007") {
+			return http.StatusInternalServerError, ""
+		}
+		return 0, ""
+	}
+	o := opts(t, "secrets")
+	o.Force, o.Retire = true, true
+	rep, err := c.rotation(t).Run(context.Background(), o)
+	if !errors.Is(err, ErrObjectsRemain) || !errors.Is(err, ErrRetireRefused) {
+		t.Fatalf("err: got %v, want ErrObjectsRemain and ErrRetireRefused", err)
+	}
+	if got, want := rep.Remaining, 1; got != want {
+		t.Errorf("remaining: got %d, want %d", got, want)
+	}
+	if got, want := rep.Passes, 3; got != want {
+		t.Errorf("passes: got %d, want %d", got, want)
+	}
+	if got, want := c.rot.state("file:k/1"), providers.StateEnabled; got != want {
+		t.Errorf("old key: got %s, want %s", got, want)
+	}
+}
+
+func TestLatestKeyIDHashes(t *testing.T) {
+	tests := []struct {
+		name    string
+		metrics string
+		want    string
+		wantErr error
+	}{
+		{
+			name: "newest timestamp wins",
+			metrics: `# TYPE apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds gauge
+apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{apiserver_id_hash="x",key_id_hash="sha256:old",provider_name="p"} 100
+apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds{apiserver_id_hash="x",key_id_hash="sha256:new",provider_name="p"} 200
+`,
+			want: "map[p:sha256:new]",
+		},
+		{name: "metric missing", metrics: "# TYPE other gauge\nother 1\n", wantErr: errNoMetric},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := latestKeyIDHashes([]byte(tt.metrics))
+			if !errors.Is(err, tt.wantErr) {
+				t.Fatalf("err: got %v, want %v", err, tt.wantErr)
+			}
+			if tt.wantErr == nil && fmt.Sprint(got) != tt.want {
+				t.Errorf("got %v, want %s", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestConfirmWaitsForTheSwitch(t *testing.T) {
+	var nudges atomic.Int64
+	newHash := providers.HashKeyID("file:k/2")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/readyz/kms-providers":
+			nudges.Add(1)
+		case "/metrics":
+			hash := providers.HashKeyID("file:k/1")
+			if nudges.Load() >= 3 {
+				hash = newHash
+			}
+			fmt.Fprintf(w, "# TYPE %s gauge\n%s{key_id_hash=%q,provider_name=\"p\"} %d\n", keyIDStatusMetric, keyIDStatusMetric, hash, time.Now().Unix())
+		}
+	}))
+	defer srv.Close()
+	a, err := NewAPIServer(&rest.Config{}, srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := a.Confirm(context.Background(), nil, "file:k/2", 10*time.Millisecond, 5*time.Second)
+	if !got.Switched {
+		t.Fatalf("not switched: %s", got.Error)
+	}
+	if got, want := got.Attempts, 3; got != want {
+		t.Errorf("attempts: got %d, want %d", got, want)
+	}
+	if never := a.Confirm(context.Background(), nil, "file:k/3", 10*time.Millisecond, 100*time.Millisecond); never.Switched {
+		t.Errorf("switched to a key the apiserver never reported")
+	}
+}
