@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
-	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
 	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/rest"
 
