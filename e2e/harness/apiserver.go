@@ -36,10 +36,14 @@ type APIServer struct {
 	RESTConfig *rest.Config
 	// Client is an admin clientset for this apiserver.
 	Client *kubernetes.Clientset
+	// ExtraArgs are appended to the harness's flags at the next Start, so
+	// a test can restart one apiserver with, say, a feature gate changed.
+	ExtraArgs []string
 
-	c     *Cluster
-	proc  *process
-	httpc *http.Client
+	c        *Cluster
+	proc     *process
+	httpc    *http.Client
+	baseArgs []string
 }
 
 // newAPIServer writes apiserver i's files; Start runs it.
@@ -107,10 +111,10 @@ func (c *Cluster) newAPIServer(i int) (*APIServer, error) {
 		// Service endpoints, and loopback is not an allowed advertise address.
 		args = append(args, "--endpoint-reconciler-type", "none")
 	}
+	a.baseArgs = append(args, c.opts.APIServerArgs...)
 	a.proc = &process{
 		name:    fmt.Sprintf("kube-apiserver-%d", i),
 		path:    c.bins.apiserver,
-		args:    args,
 		logPath: filepath.Join(c.logDir(), fmt.Sprintf("kube-apiserver-%d.log", i)),
 	}
 	c.onClose(func() error {
@@ -193,6 +197,7 @@ current-context: %[1]s
 
 // Start runs the apiserver and waits until /readyz answers 200.
 func (a *APIServer) Start(ctx context.Context) error {
+	a.proc.args = append(append([]string(nil), a.baseArgs...), a.ExtraArgs...)
 	if err := a.proc.start(); err != nil {
 		return err
 	}

@@ -25,6 +25,10 @@ const (
 	DefaultStartTimeout = 3 * time.Minute
 )
 
+// EnvKeep, when set, makes Start keep each cluster's folder (logs, configs,
+// etcd data) after the test, to debug a failure.
+const EnvKeep = "KMS_E2E_KEEP"
+
 // DefaultResources are the resources encrypted through the plugin.
 var DefaultResources = []string{"secrets", "configmaps"}
 
@@ -48,6 +52,9 @@ type Options struct {
 	// PluginSettings are extra top-level plugin config fields, overriding
 	// the harness's (e.g. {"refreshInterval": "3s"}).
 	PluginSettings map[string]any
+	// APIServerArgs are appended to every kube-apiserver's flags (a later
+	// flag wins), e.g. "--feature-gates=...".
+	APIServerArgs []string
 	// Env is added to the environment of every kms-plugin and kmsctl run
 	// (e.g. SOFTHSM2_CONF, or an emulator's CA bundle).
 	Env []string
@@ -62,7 +69,7 @@ type Options struct {
 	// StartTimeout bounds Launch (default DefaultStartTimeout).
 	StartTimeout time.Duration
 	// KeepDir leaves the cluster's folder on disk after Close, for a human
-	// to look at.
+	// to look at. Start also keeps it when $KMS_E2E_KEEP is set.
 	KeepDir bool
 }
 
@@ -238,6 +245,9 @@ func Start(t testing.TB, opts Options) *Cluster {
 	t.Helper()
 	if opts.Logf == nil {
 		opts.Logf = t.Logf
+	}
+	if os.Getenv(EnvKeep) != "" {
+		opts.KeepDir = true
 	}
 	c, err := Launch(context.Background(), opts)
 	if err != nil {

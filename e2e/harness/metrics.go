@@ -122,8 +122,14 @@ func scrape(ctx context.Context, client *http.Client, url, token string) (Metric
 
 // ParseMetrics parses the Prometheus text exposition format.
 func ParseMetrics(text string) (Metrics, error) {
+	return ParseMetricsReader(strings.NewReader(text))
+}
+
+// ParseMetricsReader parses the Prometheus text exposition format from r,
+// for endpoints the harness does not scrape itself (e.g. kmsctl's).
+func ParseMetricsReader(r io.Reader) (Metrics, error) {
 	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(strings.NewReader(text))
+	fams, err := p.TextToMetricFamilies(r)
 	if err != nil {
 		return nil, fmt.Errorf("parse metrics: %w", err)
 	}
