@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -197,3 +198,13 @@ func (d Duration) MarshalJSON() ([]byte, error) {
 
 // String formats d like time.Duration.
 func (d Duration) String() string { return time.Duration(d).Round(time.Millisecond).String() }
+
+// UnmarshalJSON reads a duration string, so reports round-trip.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	v, err := time.ParseDuration(strings.Trim(string(b), `"`))
+	if err != nil {
+		return fmt.Errorf("duration %s: %w", b, err)
+	}
+	*d = Duration(v)
+	return nil
+}

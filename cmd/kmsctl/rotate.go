@@ -45,6 +45,7 @@ type rotateFlags struct {
 	passiveWait            time.Duration
 	confirmTimeout         time.Duration
 	crashAfter             string
+	leaseDuration          time.Duration
 }
 
 func rotateCommand() *cobra.Command {
@@ -89,6 +90,8 @@ Exit codes: 0 done; 2 objects remain under an old key; 3 --retire refused;
 	// N objects of the rewrite ("rewrite:N").
 	fs.StringVar(&f.crashAfter, "crash-after", "", "testing only: SIGKILL this process after the named phase")
 	_ = fs.MarkHidden("crash-after")
+	fs.DurationVar(&f.leaseDuration, "lease-duration", rotation.DefaultLeaseDuration, "how long the rotation lease outlives a killed run")
+	_ = fs.MarkHidden("lease-duration")
 	return cmd
 }
 
@@ -184,7 +187,8 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 	opts := rotation.Options{
 		Resources: res, Force: f.force, IfOlderThan: f.ifOlderThan, Retire: f.retire, DryRun: f.dryRun,
 		PropagationWait: f.propagationWait, PassiveWait: f.passiveWait, ConfirmTimeout: f.confirmTimeout,
-		Identity: fmt.Sprintf("kmsctl@%s/%d", host, os.Getpid()),
+		Identity:      fmt.Sprintf("kmsctl@%s/%d", host, os.Getpid()),
+		LeaseDuration: f.leaseDuration,
 	}
 	if f.crashAfter != "" {
 		opts.AfterPhase = crashHook(ctx, f.crashAfter, progress)
