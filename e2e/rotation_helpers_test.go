@@ -183,6 +183,9 @@ func populate(ctx context.Context, t *testing.T, c *harness.Cluster, prefix stri
 type writers struct {
 	mu        sync.Mutex
 	acked     map[string]string // secret name -> last acknowledged value
+	// inFlight is a write cut off by the stop: it may or may not have
+	// landed, so either value reads back correctly.
+	inFlight map[string]string
 	conflicts int
 	errs      []error
 	writes    int
@@ -194,7 +197,7 @@ type writers struct {
 // alternating apiservers.
 func startWriters(ctx context.Context, c *harness.Cluster, ns string, n, count int) *writers {
 	ctx, cancel := context.WithCancel(ctx)
-	w := &writers{acked: map[string]string{}, cancel: cancel}
+	w := &writers{acked: map[string]string{}, inFlight: map[string]string{}, cancel: cancel}
 	for i := range n {
 		w.wg.Add(1)
 		go func() {
@@ -217,6 +220,12 @@ func startWriters(ctx context.Context, c *harness.Cluster, ns string, n, count i
 					w.writes++
 					w.mu.Unlock()
 					continue
+				}
+				if ctx.Err() != nil {
+					w.mu.Lock()
+					w.inFlight[name] = val
+					w.mu.Unlock()
+					return
 				}
 				w.record(ctx, err, true)
 			}

@@ -133,9 +133,12 @@ func testRotateUnderLoad(ctx context.Context, t *testing.T, c *harness.Cluster) 
 		t.Errorf("report census after: %+v, remaining %d", rep.CensusAfter, rep.Remaining)
 	}
 	st := rep.Rewrite["secrets"]
-	if st == nil || st.Rewritten+st.Conflicts < secrets {
-		t.Errorf("secrets rewrite: %+v, want at least %d rewritten or conflicting", st, secrets)
+	// Writers re-encrypt some secrets before the rewrite reaches them (those
+	// patches are no-ops), so only the sum is known.
+	if st == nil || st.Rewritten+st.Conflicts+st.Unchanged < secrets {
+		t.Errorf("secrets rewrite: %+v, want at least %d objects visited", st, secrets)
 	}
+	t.Logf("secrets rewrite: %d rewritten, %d unchanged, %d conflicts in %s", st.Rewritten, st.Unchanged, st.Conflicts, st.Duration)
 	if len(w.errs) > 0 {
 		t.Errorf("writers saw %d errors other than 409, first: %v", len(w.errs), w.errs[0])
 	}
@@ -156,7 +159,7 @@ func testRotateUnderLoad(ctx context.Context, t *testing.T, c *harness.Cluster) 
 			t.Errorf("apiserver %d lists %d secrets, want %d", i, len(got), secrets)
 		}
 		for name, want := range w.acked {
-			if got[name] != want {
+			if got[name] != want && got[name] != w.inFlight[name] {
 				t.Errorf("apiserver %d: secret %s reads %q, want the acknowledged %q", i, name, got[name], want)
 			}
 		}
@@ -293,7 +296,7 @@ func testRestartsMidRewrite(ctx context.Context, t *testing.T, c *harness.Cluste
 	addr := freeAddr(t)
 	done := make(chan kmsctlRun, 1)
 	go func() {
-		done <- runKmsctl(ctx, t, c, rotateArgs(c, "--force", "--retire", "--resources", "secrets", "--concurrency", "2", "--metrics-addr", addr)...)
+		done <- runKmsctl(ctx, t, c, rotateArgs(c, "--force", "--retire", "--resources", "secrets,configmaps", "--concurrency", "2", "--metrics-addr", addr)...)
 	}()
 	// Wait until the rewrite has made progress, from kmsctl's own metrics.
 	err := harness.Poll(ctx, 100*time.Millisecond, func() error {
@@ -331,8 +334,13 @@ func testRestartsMidRewrite(ctx context.Context, t *testing.T, c *harness.Cluste
 	}
 	rep := decodeReport(t, r.stdout)
 	t.Logf("passes %d, rewrite %+v", rep.Passes, rep.Rewrite["secrets"])
-	requireAllUnder(ctx, t, c, rep.NewKeyID, "secrets")
+	requireAllUnder(ctx, t, c, rep.NewKeyID, "secrets", "configmaps")
 	if got, want := keyState(t, c, old), "disabled"; got != want {
 		t.Errorf("old key: got %s, want %s", got, want)
+	}
+	for _, a := range c.APIServers {
+		if !a.Running() {
+			t.Errorf("%s is not running after the restart", a.URL)
+		}
 	}
 }
