@@ -296,7 +296,7 @@ func testRestartsMidRewrite(ctx context.Context, t *testing.T, c *harness.Cluste
 	addr := freeAddr(t)
 	done := make(chan kmsctlRun, 1)
 	go func() {
-		done <- runKmsctl(ctx, t, c, rotateArgs(c, "--force", "--retire", "--resources", "secrets,configmaps", "--concurrency", "2", "--metrics-addr", addr)...)
+		done <- runKmsctl(ctx, t, c, rotateArgs(c, "--force", "--retire", "--resources", "secrets,configmaps", "--concurrency", "1", "--metrics-addr", addr)...)
 	}()
 	// Wait until the rewrite has made progress, from kmsctl's own metrics.
 	err := harness.Poll(ctx, 100*time.Millisecond, func() error {
@@ -323,6 +323,11 @@ func testRestartsMidRewrite(ctx context.Context, t *testing.T, c *harness.Cluste
 	}
 	if err := c.Plugins[0].Restart(ctx); err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("rotate ended (exit %d) before the apiserver restart; the test proves nothing\n%s", r.code, r.stderr)
+	default:
 	}
 	if err := c.APIServers[0].Restart(ctx); err != nil {
 		t.Fatal(err)
