@@ -2,8 +2,6 @@ package rotation
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -32,14 +30,16 @@ const keyIDStatusMetric = "apiserver_envelope_encryption_key_id_hash_status_last
 // APIServer is one kube-apiserver addressed directly (not through a load
 // balancer), since each one must be checked on its own.
 type APIServer struct {
-	URL  string
-	http *http.Client
-	kube kubernetes.Interface
+	URL    string
+	canary string
+	http   *http.Client
+	kube   kubernetes.Interface
 }
 
 // NewAPIServer builds clients for the apiserver at u with the credentials
-// and CA of base (the kubeconfig's).
-func NewAPIServer(base *rest.Config, u string) (*APIServer, error) {
+// and CA of base (the kubeconfig's). index numbers its canary secret
+// (kmsctl-canary-<index>), a fixed name RBAC can grant by resourceNames.
+func NewAPIServer(base *rest.Config, u string, index int) (*APIServer, error) {
 	cfg := rest.CopyConfig(base)
 	cfg.Host = u
 	cfg.Timeout = 10 * time.Second
@@ -51,7 +51,7 @@ func NewAPIServer(base *rest.Config, u string) (*APIServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("apiserver %s: %w", u, err)
 	}
-	return &APIServer{URL: strings.TrimSuffix(u, "/"), http: hc, kube: kc}, nil
+	return &APIServer{URL: strings.TrimSuffix(u, "/"), canary: "kmsctl-canary-" + strconv.Itoa(index), http: hc, kube: kc}, nil
 }
 
 // DiscoverAPIServers returns the URLs of the ready endpoints of the
@@ -168,10 +168,7 @@ func latestKeyIDHashes(metrics []byte) (map[string]string, error) {
 
 // canaryName is this apiserver's canary secret: one per apiserver so
 // concurrent checks do not collide.
-func (a *APIServer) canaryName() string {
-	sum := sha256.Sum256([]byte(a.URL))
-	return "kmsctl-canary-" + hex.EncodeToString(sum[:4])
-}
+func (a *APIServer) canaryName() string { return a.canary }
 
 // Canary writes the canary secret through this apiserver and returns the
 // key_id etcd now holds for it: the end-to-end proof of which key this

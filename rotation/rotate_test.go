@@ -314,7 +314,7 @@ func TestConfirmWaitsForTheSwitch(t *testing.T) {
 		}
 	}))
 	defer srv.Close()
-	a, err := NewAPIServer(&rest.Config{}, srv.URL)
+	a, err := NewAPIServer(&rest.Config{}, srv.URL, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

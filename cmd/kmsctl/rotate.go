@@ -164,8 +164,8 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 		}
 	}
 	var apiservers []*rotation.APIServer
-	for _, u := range urls {
-		a, err := rotation.NewAPIServer(restCfg, u)
+	for i, u := range urls {
+		a, err := rotation.NewAPIServer(restCfg, u, i)
 		if err != nil {
 			return err
 		}
