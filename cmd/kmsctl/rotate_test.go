@@ -1,0 +1,69 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/kms-v2/kms-plugin/rotation"
+)
+
+func TestRotateExitCodes(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want int
+	}{
+		{name: "objects remain", err: fmt.Errorf("3 left: %w", rotation.ErrObjectsRemain), want: exitObjectsRemain},
+		{name: "retire refused", err: fmt.Errorf("x: %w", rotation.ErrRetireRefused), want: exitRetireRefused},
+		{name: "not switched", err: fmt.Errorf("x: %w", rotation.ErrNotSwitched), want: exitNotSwitched},
+		{name: "locked", err: fmt.Errorf("x: %w", rotation.ErrLocked), want: exitLocked},
+		{name: "objects remain wins over retire", err: errors.Join(fmt.Errorf("a: %w", rotation.ErrObjectsRemain), fmt.Errorf("b: %w", rotation.ErrRetireRefused)), want: exitObjectsRemain},
+		{name: "other", err: errors.New("boom"), want: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got, want := exitCode(rotateExit(tt.err)), tt.want; got != want {
+				t.Errorf("exit code: got %d, want %d", got, want)
+			}
+		})
+	}
+	if err := rotateExit(nil); err != nil {
+		t.Errorf("nil error: got %v", err)
+	}
+}
+
+func TestRotateFlagErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{name: "no config", args: []string{}, want: "--config is required"},
+		{name: "force and age", args: []string{"--config", "x.yaml", "--force", "--if-older-than", "1h"}, want: "exclude each other"},
+		{name: "bad output", args: []string{"--config", "x.yaml", "-o", "yaml"}, want: "want text or json"},
+		{name: "bad resource", args: []string{"--config", "x.yaml", "--resources", "deployments"}, want: "resource \"deployments\""},
+		{name: "zero concurrency", args: []string{"--config", "x.yaml", "--concurrency", "0"}, want: "at least 1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cmd := rotateCommand()
+			cmd.SetArgs(tt.args)
+			cmd.SilenceUsage, cmd.SilenceErrors = true, true
+			err := cmd.Execute()
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("err: got %v, want it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestCensusRequiresEtcd(t *testing.T) {
+	cmd := censusCommand()
+	cmd.SetArgs([]string{"--current-key-id", "file:k/1"})
+	cmd.SilenceUsage, cmd.SilenceErrors = true, true
+	if err := cmd.Execute(); err == nil || !strings.Contains(err.Error(), "--etcd-endpoints is required") {
+		t.Errorf("err: got %v, want --etcd-endpoints is required", err)
+	}
+}
