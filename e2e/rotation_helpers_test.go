@@ -181,11 +181,11 @@ func populate(ctx context.Context, t *testing.T, c *harness.Cluster, prefix stri
 // writers keep updating secrets while a rotation runs, the way workloads
 // do, and remember every write the apiserver acknowledged.
 type writers struct {
-	mu        sync.Mutex
-	acked     map[string]string // secret name -> last acknowledged value
+	mu    sync.Mutex
+	acked map[string]string // secret name -> last acknowledged value
 	// inFlight is a write cut off by the stop: it may or may not have
 	// landed, so either value reads back correctly.
-	inFlight map[string]string
+	inFlight  map[string]string
 	conflicts int
 	errs      []error
 	writes    int

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,6 +47,7 @@ type rotateFlags struct {
 	confirmTimeout         time.Duration
 	crashAfter             string
 	leaseDuration          time.Duration
+	tolerance              float64
 }
 
 func rotateCommand() *cobra.Command {
@@ -86,6 +88,7 @@ Exit codes: 0 done; 2 objects remain under an old key; 3 --retire refused;
 	fs.DurationVar(&f.propagationWait, "propagation-wait", 0, "wait between creating and promoting a version (default: twice the config's refreshInterval plus 1s)")
 	fs.DurationVar(&f.passiveWait, "passive-wait", 0, "wait after promoting when apiservers cannot be confirmed one by one (default 3+N+5 minutes, N the refresh interval in whole minutes)")
 	fs.DurationVar(&f.confirmTimeout, "confirm-timeout", 3*time.Minute, "how long each apiserver may take to switch")
+	fs.Float64Var(&f.tolerance, "latency-tolerance", 1.5, "how many times its quiet-time latency the apiserver may reach before the rewrite backs off; lower protects other clients, higher finishes sooner")
 	// For the crash-and-resume tests: kill -9 itself after a phase, or after
 	// N objects of the rewrite ("rewrite:N").
 	fs.StringVar(&f.crashAfter, "crash-after", "", "testing only: SIGKILL this process after the named phase")
@@ -105,6 +108,14 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 		return errors.New("--force and --if-older-than exclude each other")
 	case f.concurrency < 1:
 		return fmt.Errorf("--concurrency %d: want at least 1", f.concurrency)
+	case f.tolerance <= 1:
+		return fmt.Errorf("--latency-tolerance %g: want more than 1", f.tolerance)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// Memory is bounded by design (pages stream through a fixed pool);
+		// a soft limit keeps the garbage collector from letting the heap
+		// float to twice that, so the job fits a small memory request.
+		debug.SetMemoryLimit(24 << 20)
 	}
 	res, err := rotation.ParseResources(f.resources)
 	if err != nil {
@@ -140,7 +151,7 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
-	limiter := rotation.NewLimiter(rotation.LimiterConfig{Max: f.concurrency})
+	limiter := rotation.NewLimiter(rotation.LimiterConfig{Max: f.concurrency, Tolerance: f.tolerance})
 	rwCfg := rest.CopyConfig(restCfg)
 	// The limiter, not client-go's token bucket, paces the rewrite.
 	rwCfg.QPS, rwCfg.Burst = 5000, 5000
