@@ -2,6 +2,7 @@ package rotation
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"net"
@@ -13,11 +14,12 @@ import (
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
-	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 
 	"github.com/kms-v2/kms-plugin/providers"
@@ -33,8 +35,15 @@ type APIServer struct {
 	URL    string
 	canary string
 	http   *http.Client
-	kube   kubernetes.Interface
+	kube   dynamic.Interface
 }
+
+// Resources the orchestrator reads or writes besides the rewritten ones,
+// addressed through the dynamic client (see LeaseGVR for why not typed).
+var (
+	secretsGVR        = schema.GroupVersionResource{Version: "v1", Resource: "secrets"}
+	endpointSlicesGVR = schema.GroupVersionResource{Group: "discovery.k8s.io", Version: "v1", Resource: "endpointslices"}
+)
 
 // NewAPIServer builds clients for the apiserver at u with the credentials
 // and CA of base (the kubeconfig's). index numbers its canary secret
@@ -47,7 +56,7 @@ func NewAPIServer(base *rest.Config, u string, index int) (*APIServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("apiserver %s: %w", u, err)
 	}
-	kc, err := kubernetes.NewForConfigAndClient(cfg, hc)
+	kc, err := dynamic.NewForConfigAndClient(cfg, hc)
 	if err != nil {
 		return nil, fmt.Errorf("apiserver %s: %w", u, err)
 	}
@@ -57,16 +66,20 @@ func NewAPIServer(base *rest.Config, u string, index int) (*APIServer, error) {
 // DiscoverAPIServers returns the URLs of the ready endpoints of the
 // `kubernetes` service in `default`, which the apiservers maintain
 // themselves. An empty result means they cannot be told apart.
-func DiscoverAPIServers(ctx context.Context, kube kubernetes.Interface) ([]string, error) {
-	slices, err := kube.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
-		LabelSelector: discoveryv1.LabelServiceName + "=kubernetes",
+func DiscoverAPIServers(ctx context.Context, kube dynamic.Interface) ([]string, error) {
+	list, err := kube.Resource(endpointSlicesGVR).Namespace(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
+		LabelSelector: "kubernetes.io/service-name=kubernetes",
 	})
 	if err != nil {
 		return nil, fmt.Errorf("discover apiservers: %w", err)
 	}
 	seen := map[string]bool{}
 	var out []string
-	for _, s := range slices.Items {
+	for _, item := range list.Items {
+		var s endpointSlice
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(item.Object, &s); err != nil {
+			return nil, fmt.Errorf("discover apiservers: endpointslice %s: %w", item.GetName(), err)
+		}
 		port := int32(443)
 		for _, p := range s.Ports {
 			if p.Port != nil && (p.Name == nil || *p.Name == "https") {
@@ -88,6 +101,21 @@ func DiscoverAPIServers(ctx context.Context, kube kubernetes.Interface) ([]strin
 	}
 	sort.Strings(out)
 	return out, nil
+}
+
+// endpointSlice is the part of a discovery.k8s.io/v1 EndpointSlice that
+// DiscoverAPIServers reads (field names as in k8s.io/api/discovery/v1).
+type endpointSlice struct {
+	Endpoints []struct {
+		Addresses  []string `json:"addresses"`
+		Conditions struct {
+			Ready *bool `json:"ready,omitempty"`
+		} `json:"conditions"`
+	} `json:"endpoints"`
+	Ports []struct {
+		Name *string `json:"name,omitempty"`
+		Port *int32  `json:"port,omitempty"`
+	} `json:"ports"`
 }
 
 // Readyz asks the apiserver for /readyz/kms-providers. Besides telling
@@ -175,18 +203,25 @@ func (a *APIServer) canaryName() string { return a.canary }
 // apiserver encrypts with. errNoCanary means secrets are not stored under
 // KMS v2, so the canary proves nothing.
 func (a *APIServer) Canary(ctx context.Context, s Store) (string, error) {
-	secrets := a.kube.CoreV1().Secrets(metav1.NamespaceSystem)
+	secrets := a.kube.Resource(secretsGVR).Namespace(metav1.NamespaceSystem)
 	name := a.canaryName()
 	stamp := map[string]string{"kms-plugin.kms-v2.io/canary": time.Now().UTC().Format(time.RFC3339Nano)}
 	cur, err := secrets.Get(ctx, name, metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(err):
-		_, err = secrets.Create(ctx, &corev1.Secret{
-			ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: stamp, Labels: map[string]string{"app.kubernetes.io/managed-by": "kmsctl"}},
-			Data:       map[string][]byte{"canary": []byte("written by kmsctl rotate to check which key this apiserver uses")},
-		}, metav1.CreateOptions{})
+		canary := &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "v1",
+			"kind":       "Secret",
+			"data": map[string]any{
+				"canary": base64.StdEncoding.EncodeToString([]byte("written by kmsctl rotate to check which key this apiserver uses")),
+			},
+		}}
+		canary.SetName(name)
+		canary.SetAnnotations(stamp)
+		canary.SetLabels(map[string]string{"app.kubernetes.io/managed-by": "kmsctl"})
+		_, err = secrets.Create(ctx, canary, metav1.CreateOptions{})
 	case err == nil:
-		cur.Annotations = stamp
+		cur.SetAnnotations(stamp)
 		_, err = secrets.Update(ctx, cur, metav1.UpdateOptions{})
 	}
 	if err != nil {
@@ -208,7 +243,7 @@ func (a *APIServer) Canary(ctx context.Context, s Store) (string, error) {
 
 // DeleteCanary removes this apiserver's canary secret.
 func (a *APIServer) DeleteCanary(ctx context.Context) error {
-	err := a.kube.CoreV1().Secrets(metav1.NamespaceSystem).Delete(ctx, a.canaryName(), metav1.DeleteOptions{})
+	err := a.kube.Resource(secretsGVR).Namespace(metav1.NamespaceSystem).Delete(ctx, a.canaryName(), metav1.DeleteOptions{})
 	if apierrors.IsNotFound(err) {
 		return nil
 	}

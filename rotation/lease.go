@@ -7,10 +7,11 @@ import (
 	"sync"
 	"time"
 
-	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 )
 
 // Lease defaults: short, so the lease of a killed run expires quickly and a
@@ -27,40 +28,80 @@ const (
 // file, and holds only a public key_id.
 const TargetAnnotation = "kms-plugin.kms-v2.io/rotation-target"
 
+// LeaseGVR addresses coordination.k8s.io/v1 Leases through the dynamic
+// client. The lease is handled as unstructured data rather than through the
+// typed clientset: importing that clientset registers every API group of
+// Kubernetes and makes kmsctl's binary, and so its resident memory, far
+// larger, for three fields of one object.
+var LeaseGVR = schema.GroupVersionResource{Group: "coordination.k8s.io", Version: "v1", Resource: "leases"}
+
 // ErrLocked means another rotation holds the lease.
 var ErrLocked = errors.New("another rotation holds the lease")
 
 // Lock is a held coordination.k8s.io/v1 Lease that keeps two rotations from
 // running at once. Safe for concurrent use.
 type Lock struct {
-	client   kubernetes.Interface
+	client   dynamic.Interface
 	ns, name string
 	identity string
 	duration time.Duration
 
 	mu    sync.Mutex
-	lease *coordinationv1.Lease
+	lease *unstructured.Unstructured
+}
+
+// microTime is the wire format of metav1.MicroTime.
+const microTime = metav1.RFC3339Micro
+
+// setHolder writes the spec fields of a lease held by identity since now.
+// Fields it does not know (leaseTransitions, strategy, ...) are kept as
+// they are, since the whole object is sent back on update.
+func setHolder(l *unstructured.Unstructured, identity string, d time.Duration, now time.Time) {
+	ts := now.UTC().Format(microTime)
+	_ = unstructured.SetNestedField(l.Object, identity, "spec", "holderIdentity")
+	_ = unstructured.SetNestedField(l.Object, int64(d/time.Second), "spec", "leaseDurationSeconds")
+	_ = unstructured.SetNestedField(l.Object, ts, "spec", "acquireTime")
+	_ = unstructured.SetNestedField(l.Object, ts, "spec", "renewTime")
+}
+
+// liveHolder returns the holder of l and when its lease expires, if some
+// holder has renewed it.
+func liveHolder(l *unstructured.Unstructured) (string, time.Time, bool) {
+	holder, _, _ := unstructured.NestedString(l.Object, "spec", "holderIdentity")
+	renew, _, _ := unstructured.NestedString(l.Object, "spec", "renewTime")
+	if holder == "" || renew == "" {
+		return "", time.Time{}, false
+	}
+	// RFC 3339 parsing takes the microseconds of MicroTime as well as none.
+	renewed, err := time.Parse(time.RFC3339, renew)
+	if err != nil {
+		return "", time.Time{}, false
+	}
+	secs, ok, _ := unstructured.NestedInt64(l.Object, "spec", "leaseDurationSeconds")
+	if !ok {
+		secs = 30
+	}
+	return holder, renewed.Add(time.Duration(secs) * time.Second), true
 }
 
 // AcquireLock takes the lease ns/name for identity, creating it if needed,
 // or taking it over when its holder stopped renewing it. It fails with
 // ErrLocked while another holder's lease is live.
-func AcquireLock(ctx context.Context, client kubernetes.Interface, ns, name, identity string, d time.Duration) (*Lock, error) {
+func AcquireLock(ctx context.Context, client dynamic.Interface, ns, name, identity string, d time.Duration) (*Lock, error) {
 	if d <= 0 {
 		d = DefaultLeaseDuration
 	}
 	l := &Lock{client: client, ns: ns, name: name, identity: identity, duration: d}
-	leases := client.CoordinationV1().Leases(ns)
-	now := metav1.NewMicroTime(time.Now())
-	secs := int32(d / time.Second)
+	leases := client.Resource(LeaseGVR).Namespace(ns)
+	now := time.Now()
 	cur, err := leases.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		lease := &coordinationv1.Lease{
-			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
-			Spec: coordinationv1.LeaseSpec{
-				HolderIdentity: &identity, LeaseDurationSeconds: &secs, AcquireTime: &now, RenewTime: &now,
-			},
-		}
+		lease := &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "coordination.k8s.io/v1",
+			"kind":       "Lease",
+			"metadata":   map[string]any{"name": name, "namespace": ns},
+		}}
+		setHolder(lease, identity, d, now)
 		created, err := leases.Create(ctx, lease, metav1.CreateOptions{})
 		if apierrors.IsAlreadyExists(err) {
 			return nil, fmt.Errorf("lease %s/%s: created concurrently: %w", ns, name, ErrLocked)
@@ -74,14 +115,11 @@ func AcquireLock(ctx context.Context, client kubernetes.Interface, ns, name, ide
 	if err != nil {
 		return nil, fmt.Errorf("lease %s/%s: %w", ns, name, err)
 	}
-	if h := cur.Spec.HolderIdentity; h != nil && *h != "" && *h != identity && cur.Spec.RenewTime != nil {
-		dur := time.Duration(ptrOr(cur.Spec.LeaseDurationSeconds, 30)) * time.Second
-		if expires := cur.Spec.RenewTime.Add(dur); time.Now().Before(expires) {
-			return nil, fmt.Errorf("lease %s/%s held by %q until %s: %w", ns, name, *h, expires.UTC().Format(time.RFC3339), ErrLocked)
-		}
+	if h, expires, ok := liveHolder(cur); ok && h != identity && now.Before(expires) {
+		return nil, fmt.Errorf("lease %s/%s held by %q until %s: %w", ns, name, h, expires.UTC().Format(time.RFC3339), ErrLocked)
 	}
 	cur = cur.DeepCopy()
-	cur.Spec.HolderIdentity, cur.Spec.LeaseDurationSeconds, cur.Spec.AcquireTime, cur.Spec.RenewTime = &identity, &secs, &now, &now
+	setHolder(cur, identity, d, now)
 	updated, err := leases.Update(ctx, cur, metav1.UpdateOptions{})
 	if apierrors.IsConflict(err) {
 		return nil, fmt.Errorf("lease %s/%s: taken concurrently: %w", ns, name, ErrLocked)
@@ -93,23 +131,15 @@ func AcquireLock(ctx context.Context, client kubernetes.Interface, ns, name, ide
 	return l, nil
 }
 
-func ptrOr[T any](p *T, def T) T {
-	if p == nil {
-		return def
-	}
-	return *p
-}
-
 // update applies change to the lease we hold; a conflict or a new holder
 // means we lost it.
-func (l *Lock) update(ctx context.Context, change func(*coordinationv1.Lease)) error {
+func (l *Lock) update(ctx context.Context, change func(*unstructured.Unstructured)) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	next := l.lease.DeepCopy()
-	now := metav1.NewMicroTime(time.Now())
-	next.Spec.RenewTime = &now
+	_ = unstructured.SetNestedField(next.Object, time.Now().UTC().Format(microTime), "spec", "renewTime")
 	change(next)
-	updated, err := l.client.CoordinationV1().Leases(l.ns).Update(ctx, next, metav1.UpdateOptions{})
+	updated, err := l.client.Resource(LeaseGVR).Namespace(l.ns).Update(ctx, next, metav1.UpdateOptions{})
 	if err != nil {
 		if apierrors.IsConflict(err) {
 			return fmt.Errorf("lease %s/%s changed under us: %w", l.ns, l.name, ErrLocked)
@@ -124,20 +154,25 @@ func (l *Lock) update(ctx context.Context, change func(*coordinationv1.Lease)) e
 func (l *Lock) Target() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.lease.Annotations[TargetAnnotation]
+	return l.lease.GetAnnotations()[TargetAnnotation]
 }
 
 // SetTarget records (or, with "", clears) the rotation's target key_id.
 func (l *Lock) SetTarget(ctx context.Context, keyID string) error {
-	return l.update(ctx, func(le *coordinationv1.Lease) {
+	return l.update(ctx, func(le *unstructured.Unstructured) {
+		a := le.GetAnnotations()
 		if keyID == "" {
-			delete(le.Annotations, TargetAnnotation)
+			if _, ok := a[TargetAnnotation]; ok {
+				delete(a, TargetAnnotation)
+				le.SetAnnotations(a)
+			}
 			return
 		}
-		if le.Annotations == nil {
-			le.Annotations = map[string]string{}
+		if a == nil {
+			a = map[string]string{}
 		}
-		le.Annotations[TargetAnnotation] = keyID
+		a[TargetAnnotation] = keyID
+		le.SetAnnotations(a)
 	})
 }
 
@@ -157,7 +192,7 @@ func (l *Lock) Hold(ctx context.Context) (context.Context, context.CancelFunc) {
 			case <-t.C:
 			}
 			rctx, rcancel := context.WithTimeout(ctx, l.duration/3)
-			err := l.update(rctx, func(*coordinationv1.Lease) {})
+			err := l.update(rctx, func(*unstructured.Unstructured) {})
 			rcancel()
 			switch {
 			case err == nil:
@@ -174,8 +209,7 @@ func (l *Lock) Hold(ctx context.Context) (context.Context, context.CancelFunc) {
 // Release gives the lease up so the next run need not wait for it to
 // expire; the target annotation stays as it is.
 func (l *Lock) Release(ctx context.Context) error {
-	return l.update(ctx, func(le *coordinationv1.Lease) {
-		empty := ""
-		le.Spec.HolderIdentity = &empty
+	return l.update(ctx, func(le *unstructured.Unstructured) {
+		_ = unstructured.SetNestedField(le.Object, "", "spec", "holderIdentity")
 	})
 }

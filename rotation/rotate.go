@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/dynamic"
 
 	"github.com/kms-v2/kms-plugin/providers"
 )
@@ -77,7 +77,7 @@ type Options struct {
 // means they cannot be reached one by one.
 type Rotation struct {
 	Rotator    providers.Rotator
-	Kube       kubernetes.Interface
+	Kube       dynamic.Interface
 	Rewriter   *Rewriter
 	Store      Store
 	APIServers []*APIServer

@@ -11,9 +11,11 @@ import (
 	"testing"
 	"time"
 
-	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/rest"
 
 	"github.com/kms-v2/kms-plugin/providers"
@@ -25,11 +27,11 @@ type cluster struct {
 	etcd *fakeEtcd
 	api  *fakeAPIServer
 	rot  *fakeRotator
-	kube *fake.Clientset
+	kube *fake.FakeDynamicClient
 }
 
 func newCluster(t *testing.T, primaryAge time.Duration, secrets, configmaps int) *cluster {
-	c := &cluster{etcd: newFakeEtcd(), rot: newFakeRotator(primaryAge), kube: fake.NewClientset()}
+	c := &cluster{etcd: newFakeEtcd(), rot: newFakeRotator(primaryAge), kube: fake.NewSimpleDynamicClient(runtime.NewScheme())}
 	seed(t, c.etcd, "secrets", "file:k/1", secrets)
 	seed(t, c.etcd, "configmaps", "file:k/1", configmaps)
 	c.api = newFakeAPIServer(t, c.etcd, "file:k/1")
@@ -85,11 +87,11 @@ func TestRunForcedRotationRetiresOldKey(t *testing.T) {
 	if got, want := rep.Rewrite["secrets"].Rewritten, int64(40); got != want {
 		t.Errorf("secrets rewritten: got %d, want %d", got, want)
 	}
-	lease, err := c.kube.CoordinationV1().Leases(DefaultLeaseNamespace).Get(context.Background(), DefaultLeaseName, metav1.GetOptions{})
+	lease, err := c.kube.Resource(LeaseGVR).Namespace(DefaultLeaseNamespace).Get(context.Background(), DefaultLeaseName, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := lease.Annotations[TargetAnnotation]; got != "" {
+	if got := lease.GetAnnotations()[TargetAnnotation]; got != "" {
 		t.Errorf("lease target after a finished rotation: got %q, want none", got)
 	}
 }
@@ -216,12 +218,17 @@ func TestRunResumes(t *testing.T) {
 
 func setLeaseTarget(t *testing.T, c *cluster, keyID string) {
 	t.Helper()
-	holder, secs := "killed-run", int32(30)
-	old := metav1.NewMicroTime(time.Now().Add(-time.Minute))
-	_, err := c.kube.CoordinationV1().Leases(DefaultLeaseNamespace).Create(context.Background(), &coordinationv1.Lease{
-		ObjectMeta: metav1.ObjectMeta{Name: DefaultLeaseName, Namespace: DefaultLeaseNamespace, Annotations: map[string]string{TargetAnnotation: keyID}},
-		Spec:       coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &secs, RenewTime: &old},
-	}, metav1.CreateOptions{})
+	old := time.Now().Add(-time.Minute).UTC().Format(metav1.RFC3339Micro)
+	lease := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "coordination.k8s.io/v1",
+		"kind":       "Lease",
+		"metadata": map[string]any{
+			"name": DefaultLeaseName, "namespace": DefaultLeaseNamespace,
+			"annotations": map[string]any{TargetAnnotation: keyID},
+		},
+		"spec": map[string]any{"holderIdentity": "killed-run", "leaseDurationSeconds": int64(30), "renewTime": old},
+	}}
+	_, err := c.kube.Resource(LeaseGVR).Namespace(DefaultLeaseNamespace).Create(context.Background(), lease, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,5 +334,32 @@ func TestConfirmWaitsForTheSwitch(t *testing.T) {
 	}
 	if never := a.Confirm(context.Background(), nil, "file:k/3", 10*time.Millisecond, 100*time.Millisecond); never.Switched {
 		t.Errorf("switched to a key the apiserver never reported")
+	}
+}
+
+func TestDiscoverAPIServers(t *testing.T) {
+	slice := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "discovery.k8s.io/v1",
+		"kind":       "EndpointSlice",
+		"metadata": map[string]any{
+			"name": "kubernetes", "namespace": "default",
+			"labels": map[string]any{"kubernetes.io/service-name": "kubernetes"},
+		},
+		"addressType": "IPv4",
+		"endpoints": []any{
+			map[string]any{"addresses": []any{"10.0.0.2"}, "conditions": map[string]any{"ready": true}},
+			map[string]any{"addresses": []any{"10.0.0.1"}},
+			map[string]any{"addresses": []any{"10.0.0.3"}, "conditions": map[string]any{"ready": false}},
+		},
+		"ports": []any{map[string]any{"name": "https", "port": int64(6443)}},
+	}}
+	kube := fake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{endpointSlicesGVR: "EndpointSliceList"}, slice)
+	got, err := DiscoverAPIServers(context.Background(), kube)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"https://10.0.0.1:6443", "https://10.0.0.2:6443"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("got %v, want %v (not ready endpoints left out)", got, want)
 	}
 }
