@@ -117,7 +117,7 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 	a, p := c.APIServers[0], c.Plugins[0]
 	wantPrefix := []byte(rotation.KMSv2Prefix + c.ProviderName + ":")
 
-	old := provPrimary(t, c)
+	old := cpPrimary(t, c)
 	if !strings.HasPrefix(old, pc.keyIDPrefix) {
 		t.Fatalf("primary key_id after kmsctl keys init: got %q, want prefix %q", old, pc.keyIDPrefix)
 	}
@@ -162,16 +162,16 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 	if id == old || !strings.HasPrefix(id, pc.keyIDPrefix) {
 		t.Fatalf("kmsctl keys create: got key_id %q, want a new one with prefix %q (primary %q)", id, pc.keyIDPrefix, old)
 	}
-	if got := provKeyState(t, c, id); got != "enabled" {
+	if got := cpKeyState(t, c, id); got != "enabled" {
 		t.Errorf("new key %s state: got %q, want enabled (not primary until promoted)", id, got)
 	}
 	if err := c.Promote(id); err != nil {
 		t.Fatal(err)
 	}
-	if got := provPrimary(t, c); got != id {
+	if got := cpPrimary(t, c); got != id {
 		t.Fatalf("primary after kmsctl keys promote: got %q, want %q", got, id)
 	}
-	if got := provKeyState(t, c, old); got != "enabled" {
+	if got := cpKeyState(t, c, old); got != "enabled" {
 		t.Errorf("old key %s state after the promote: got %q, want enabled", old, got)
 	}
 
@@ -200,7 +200,7 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 		t.Fatalf("restart kube-apiserver: %v", err)
 	}
 	provCheckOldReads(ctx, t, a, ns, secretValue, cmValue)
-	if got := provReadSecret(ctx, t, a, ns, "old-plain"); got != "old" {
+	if got := cpReadSecret(ctx, t, a, ns, "old-plain"); got != "old" {
 		t.Errorf("old-plain after restarts: got %q, want %q", got, "old")
 	}
 	m, err := p.Metrics(ctx)
@@ -259,7 +259,7 @@ func provWaitForWriteUnder(ctx context.Context, t *testing.T, c *harness.Cluster
 	if err != nil {
 		t.Fatalf("no write landed under the promoted key_id within %s: %v", timeout, err)
 	}
-	if got := provReadSecret(ctx, t, a, ns, key[strings.LastIndexByte(key, '/')+1:]); got != "new" {
+	if got := cpReadSecret(ctx, t, a, ns, key[strings.LastIndexByte(key, '/')+1:]); got != "new" {
 		t.Errorf("secret written under the new key: got %q, want %q", got, "new")
 	}
 	return key
@@ -347,40 +347,6 @@ func provWriteSecret(ctx context.Context, t *testing.T, a *harness.APIServer, ns
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("create secret %s/%s: %v", ns, name, err)
 	}
-}
-
-func provReadSecret(ctx context.Context, t *testing.T, a *harness.APIServer, ns, name string) string {
-	t.Helper()
-	s, err := a.Client.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
-	if err != nil {
-		t.Fatalf("read secret %s/%s: %v", ns, name, err)
-	}
-	return string(s.Data["v"])
-}
-
-// provPrimary is the primary key_id per `kmsctl keys list -o json`.
-func provPrimary(t *testing.T, c *harness.Cluster) string {
-	t.Helper()
-	id, err := c.PrimaryKeyID()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return id
-}
-
-// provKeyState is the state kmsctl reports for id, or "absent".
-func provKeyState(t *testing.T, c *harness.Cluster, id string) string {
-	t.Helper()
-	keys, err := c.Keys()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range keys {
-		if k.KeyID == id {
-			return k.State
-		}
-	}
-	return "absent"
 }
 
 func provRandomHex(t *testing.T, n int) string {
