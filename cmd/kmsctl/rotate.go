@@ -134,7 +134,9 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 		// Memory is bounded by design (pages stream through a fixed pool);
 		// a soft limit keeps the garbage collector from letting the heap
 		// float to twice that, so the job fits a small memory request.
-		debug.SetMemoryLimit(24 << 20)
+		// Measured with make bench-rotation: 16 MiB cuts the anonymous peak
+		// from ~20 to ~13 MiB at the same CPU time as 24 MiB.
+		debug.SetMemoryLimit(16 << 20)
 	}
 	res, err := rotation.ParseResources(f.resources)
 	if err != nil {
