@@ -6,7 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
+	"maps"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -154,7 +155,7 @@ func printCensus(out io.Writer, c *rotation.Census) {
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "RESOURCE\tKEY ID\tOBJECTS\t")
 	for _, rc := range c.Resources {
-		for _, k := range sortedKeys(rc.ByKeyID) {
+		for _, k := range slices.Sorted(maps.Keys(rc.ByKeyID)) {
 			mark := ""
 			if c.CurrentKeyID != "" {
 				if k == c.CurrentKeyID {
@@ -193,13 +194,4 @@ func printCensus(out io.Writer, c *rotation.Census) {
 			fmt.Fprintf(out, "  ... and %d more %s\n", more, rc.Resource)
 		}
 	}
-}
-
-func sortedKeys(m map[string]int) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -369,9 +371,5 @@ func printReport(out io.Writer, r *rotation.Report) {
 }
 
 func sortedStats(m map[string]*rotation.RewriteStats) []string {
-	counts := make(map[string]int, len(m))
-	for k := range m {
-		counts[k] = 0
-	}
-	return sortedKeys(counts)
+	return slices.Sorted(maps.Keys(m))
 }
