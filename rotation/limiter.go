@@ -9,13 +9,23 @@ import (
 )
 
 // Limiter bounds how many rewrite requests are in flight and adapts the bound
-// (AIMD) to what the apiserver shows: it grows by one per window of
-// successful requests while latency stays near the baseline seen at low
-// load, shrinks multiplicatively when latency climbs past Tolerance times
-// that baseline, and halves and pauses on a 429 for as long as Retry-After
-// asks. The rewrite therefore takes the capacity the control plane has
-// spare and gives it back when other clients need it. Safe for concurrent
-// use.
+// (AIMD) to what the apiserver shows, and halves and pauses on a 429 for as
+// long as Retry-After asks.
+//
+// The signal is the latency of a probe: a cheap request another client
+// would send, timed by the Rewriter every ProbeInterval while it rewrites
+// and compared with the probe's median on the idle apiserver before the
+// rewrite started (SetProbeBaseline). The limit grows slowly while the
+// smoothed probe latency stays within Tolerance times that idle baseline
+// and shrinks multiplicatively when it climbs past it. The patches' own
+// latency is not used then: measured under the rewrite's own load, its
+// baseline already includes the queueing the rewrite causes, so it let
+// other clients' p99 rise to 3-4x idle in make bench-rotation.
+//
+// Without a probe baseline the patches' latency drives the limit as a
+// fallback: it grows by one per window of successful patches while their
+// latency stays near the lowest seen, and shrinks when it climbs past
+// Tolerance times that. Safe for concurrent use.
 type Limiter struct {
 	min, max  float64
 	tolerance float64
@@ -30,7 +40,26 @@ type Limiter struct {
 	pauseUntil   time.Time
 	lastDecrease time.Time
 	throttled    int64
+
+	probeBase float64 // seconds; 0 until SetProbeBaseline
+	probeEWMA float64 // seconds
 }
+
+// Probe control constants, tuned with make bench-rotation (see
+// docs/BENCHMARKS.md). A probe every ProbeInterval with a smoothing weight
+// of 0.3 reacts within a few hundred milliseconds while one slow probe (a
+// garbage collection, a scheduling hiccup) moves the average by less than
+// a third of its excess.
+const (
+	probeWeight = 0.3
+	// probeGrowth is added to the limit per probe within tolerance: about
+	// +2 per second at the default interval, slow enough that the limit
+	// does not overshoot between two probes.
+	probeGrowth = 0.1
+	// probeDecreaseGap spaces decreases so the effect of one shows in the
+	// probes (a few of them, through the average) before the next.
+	probeDecreaseGap = 300 * time.Millisecond
+)
 
 // LimiterConfig sets the bounds of a Limiter.
 type LimiterConfig struct {
@@ -38,8 +67,9 @@ type LimiterConfig struct {
 	Min, Max int
 	// Initial is the starting concurrency (default min(4, Max)).
 	Initial int
-	// Tolerance is how many times the baseline latency may be reached
-	// before the limit shrinks (default 2).
+	// Tolerance is how many times the baseline latency (the probe's on the
+	// idle apiserver, else the patches' lowest) may be reached before the
+	// limit shrinks (default 2).
 	Tolerance float64
 }
 
@@ -112,6 +142,15 @@ func (l *Limiter) Release(latency time.Duration, ok bool) {
 }
 
 func (l *Limiter) observe(lat float64) {
+	if l.probeBase > 0 {
+		// The probe drives the limit; keep the patches' average for
+		// progress lines only.
+		if l.ewma == 0 {
+			l.ewma = lat
+		}
+		l.ewma = 0.8*l.ewma + 0.2*lat
+		return
+	}
 	if l.ewma == 0 {
 		l.ewma, l.baseline = lat, lat
 		return
@@ -135,6 +174,54 @@ func (l *Limiter) observe(lat float64) {
 		return
 	}
 	l.limit = min(l.max, l.limit+1/l.limit)
+}
+
+// SetProbeBaseline sets the probe's latency on the idle apiserver and from
+// then on lets probe latencies (ObserveProbe), not the patches', drive the
+// limit. A baseline of zero or less is ignored.
+func (l *Limiter) SetProbeBaseline(d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.probeBase = d.Seconds()
+	l.probeEWMA = 0
+}
+
+// HasProbeBaseline reports whether SetProbeBaseline was called.
+func (l *Limiter) HasProbeBaseline() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.probeBase > 0
+}
+
+// ObserveProbe feeds one probe's latency into the controller: shrink by
+// 30% (at most once per probeDecreaseGap) while the smoothed probe latency
+// is past Tolerance times the idle baseline, grow by probeGrowth otherwise.
+// Without a baseline it does nothing.
+func (l *Limiter) ObserveProbe(latency time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.probeBase <= 0 {
+		return
+	}
+	lat := latency.Seconds()
+	if l.probeEWMA == 0 {
+		l.probeEWMA = lat
+	} else {
+		l.probeEWMA = (1-probeWeight)*l.probeEWMA + probeWeight*lat
+	}
+	now := l.now()
+	if l.probeEWMA > l.tolerance*l.probeBase {
+		if now.Sub(l.lastDecrease) >= probeDecreaseGap {
+			l.limit = max(l.min, l.limit*0.7)
+			l.lastDecrease = now
+		}
+	} else {
+		l.limit = min(l.max, l.limit+probeGrowth)
+	}
+	l.notify()
 }
 
 // Throttled records a 429 (or 503 with Retry-After): halve the limit and
@@ -164,8 +251,11 @@ func (l *Limiter) notify() {
 
 // LimiterStats is a snapshot for progress lines and metrics.
 type LimiterStats struct {
-	Limit     int
-	InFlight  int
+	Limit    int
+	InFlight int
+	// Latency is the smoothed latency that drives the limit (the probe's
+	// once it has a baseline, else the patches'); Baseline is what it is
+	// compared with.
 	Latency   time.Duration
 	Baseline  time.Duration
 	Throttled int64
@@ -175,10 +265,14 @@ type LimiterStats struct {
 func (l *Limiter) Stats() LimiterStats {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	lat, base := l.ewma, l.baseline
+	if l.probeBase > 0 {
+		lat, base = l.probeEWMA, l.probeBase
+	}
 	return LimiterStats{
 		Limit: int(l.limit), InFlight: l.inFlight, Throttled: l.throttled,
-		Latency:  time.Duration(l.ewma * float64(time.Second)),
-		Baseline: time.Duration(l.baseline * float64(time.Second)),
+		Latency:  time.Duration(lat * float64(time.Second)),
+		Baseline: time.Duration(base * float64(time.Second)),
 	}
 }
 

@@ -2,6 +2,7 @@ package rotation
 
 import (
 	"context"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -93,5 +94,106 @@ func TestLimiterBoundsInFlight(t *testing.T) {
 	l.Release(time.Millisecond, true)
 	if err := l.Acquire(ctx); err != nil {
 		t.Fatalf("Acquire after Release: %v", err)
+	}
+}
+
+// fakeClock is a settable clock for the limiter's decrease spacing.
+type fakeClock struct{ t time.Time }
+
+func (c *fakeClock) now() time.Time          { return c.t }
+func (c *fakeClock) advance(d time.Duration) { c.t = c.t.Add(d) }
+
+func TestLimiterProbe(t *testing.T) {
+	const idle = 2 * time.Millisecond
+	tests := []struct {
+		name    string
+		initial int
+		// feed sends probe latencies (and patch latencies) 50 ms apart.
+		feed func(l *Limiter, c *fakeClock)
+		want int
+	}{
+		{
+			name: "probes at the idle latency ramp the limit up slowly", initial: 1,
+			feed: func(l *Limiter, c *fakeClock) {
+				for range 20 { // one second
+					c.advance(50 * time.Millisecond)
+					l.ObserveProbe(idle)
+				}
+			},
+			want: 3, // 1 + 20*0.1
+		},
+		{
+			name: "probes past the tolerance shrink it, spaced by the decrease gap", initial: 16,
+			feed: func(l *Limiter, c *fakeClock) {
+				for range 13 { // 650 ms: decreases at 50, 350 and 650 ms
+					c.advance(50 * time.Millisecond)
+					l.ObserveProbe(4 * idle)
+				}
+			},
+			want: 5, // 16 * 0.7^3 = 5.5
+		},
+		{
+			name: "one slow probe is smoothed away", initial: 4,
+			feed: func(l *Limiter, c *fakeClock) {
+				l.ObserveProbe(idle)
+				c.advance(50 * time.Millisecond)
+				l.ObserveProbe(3 * idle) // average 1.6x idle, within 2x
+			},
+			want: 4,
+		},
+		{
+			name: "slow patches do not shrink it once a probe baseline is set", initial: 8,
+			feed: func(l *Limiter, c *fakeClock) {
+				for range 50 {
+					c.advance(50 * time.Millisecond)
+					l.inFlight++
+					l.Release(time.Duration(1+l.inFlight)*100*time.Millisecond, true)
+				}
+			},
+			want: 8,
+		},
+		{
+			name: "the limit stays within its bounds", initial: 2,
+			feed: func(l *Limiter, c *fakeClock) {
+				for range 100 {
+					c.advance(time.Second)
+					l.ObserveProbe(10 * idle)
+				}
+				if got := l.Stats().Limit; got != 1 {
+					panic("limit under load: " + strconv.Itoa(got))
+				}
+				for range 1000 {
+					c.advance(50 * time.Millisecond)
+					l.ObserveProbe(idle)
+				}
+			},
+			want: 32,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := &fakeClock{t: time.Unix(1e9, 0)}
+			l := NewLimiter(LimiterConfig{Max: 32, Initial: tt.initial, Tolerance: 2})
+			l.now = c.now
+			l.SetProbeBaseline(idle)
+			tt.feed(l, c)
+			if got := l.Stats().Limit; got != tt.want {
+				t.Errorf("limit: got %d, want %d", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestLimiterProbeNeedsBaseline(t *testing.T) {
+	l := NewLimiter(LimiterConfig{Max: 32, Initial: 4})
+	for range 100 {
+		l.ObserveProbe(time.Second)
+	}
+	if got, want := l.Stats().Limit, 4; got != want {
+		t.Errorf("limit after probes without a baseline: got %d, want %d (probes ignored)", got, want)
+	}
+	l.SetProbeBaseline(0)
+	if l.HasProbeBaseline() {
+		t.Error("HasProbeBaseline after SetProbeBaseline(0): got true, want false")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -13,6 +14,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/metadata"
 )
 
@@ -84,6 +86,38 @@ type Rewriter struct {
 	Progress *Progress
 	// Metrics, when set, counts outcomes.
 	Metrics *Metrics
+	// Probe, when set, is a cheap request of the kind other clients send
+	// (LeaseProbe: a GET of the rotation lease). Before the first pass the
+	// Rewriter times probeBaselineSamples of them on the still idle
+	// apiserver and gives the median to the Limiter as its baseline; during
+	// every pass it times one each ProbeInterval and feeds the Limiter, so
+	// the pace follows what other clients feel rather than the patches'
+	// own latency. An error answered by the apiserver (a 404, a 403) still
+	// times the request path; only a request without answer is not used.
+	Probe func(context.Context) error
+	// ProbeInterval is the time between probes (default
+	// DefaultProbeInterval).
+	ProbeInterval time.Duration
+}
+
+// DefaultProbeInterval is often enough for the limit to follow the
+// apiserver within a few hundred milliseconds, at a cost (20 GETs of one
+// small object per second) far below the rewrite's own.
+const DefaultProbeInterval = 50 * time.Millisecond
+
+// probeBaselineSamples are taken, one after the other, for the idle
+// baseline; their median ignores an unlucky few.
+const probeBaselineSamples = 21
+
+// LeaseProbe returns a Rewriter.Probe that GETs the rotation lease: a small
+// object that exists for the whole rewrite, read through the same
+// authentication, priority and fairness, and storage path as other
+// clients' requests (unlike /readyz, which skips most of them).
+func LeaseProbe(kube dynamic.Interface) func(context.Context) error {
+	return func(ctx context.Context) error {
+		_, err := kube.Resource(LeaseGVR).Namespace(DefaultLeaseNamespace).Get(ctx, DefaultLeaseName, metav1.GetOptions{})
+		return err
+	}
 }
 
 // target is one object to patch.
@@ -165,6 +199,17 @@ func (w *Rewriter) run(ctx context.Context, r Resource, produce func(context.Con
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if w.Probe != nil {
+		if !w.Limiter.HasProbeBaseline() {
+			w.Limiter.SetProbeBaseline(w.probeBaseline(ctx))
+		}
+		probing := make(chan struct{})
+		go func() {
+			defer close(probing)
+			w.probeLoop(ctx)
+		}()
+		defer func() { cancel(); <-probing }()
+	}
 	targets := make(chan target, workers)
 	var (
 		visited, rewritten, unchanged, conflicts, skipped, errs atomic.Int64
@@ -221,6 +266,64 @@ func (w *Rewriter) run(ctx context.Context, r Resource, produce func(context.Con
 		perr = ctx.Err()
 	}
 	return stats, perr
+}
+
+// probeBaseline returns the median latency of probes sent one after the
+// other, or 0 when none was answered (the limiter then falls back to the
+// patches' latency).
+func (w *Rewriter) probeBaseline(ctx context.Context) time.Duration {
+	var lats []time.Duration
+	for range probeBaselineSamples {
+		if lat, ok := w.probeOnce(ctx); ok {
+			lats = append(lats, lat)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if len(lats) == 0 {
+		return 0
+	}
+	slices.Sort(lats)
+	return lats[len(lats)/2]
+}
+
+// probeLoop feeds a probe's latency to the limiter every ProbeInterval
+// until ctx ends. Probes go one at a time: a slow one delays the next
+// rather than piling up on a busy apiserver.
+func (w *Rewriter) probeLoop(ctx context.Context) {
+	interval := w.ProbeInterval
+	if interval <= 0 {
+		interval = DefaultProbeInterval
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if lat, ok := w.probeOnce(ctx); ok {
+			w.Limiter.ObserveProbe(lat)
+		}
+	}
+}
+
+// probeOnce times one probe; ok is false when it got no answer from the
+// apiserver (a transport error, or ctx ended).
+func (w *Rewriter) probeOnce(ctx context.Context) (time.Duration, bool) {
+	start := time.Now()
+	err := w.Probe(ctx)
+	lat := time.Since(start)
+	if ctx.Err() != nil {
+		return 0, false
+	}
+	var st apierrors.APIStatus
+	if err != nil && !errors.As(err, &st) {
+		return 0, false
+	}
+	return lat, true
 }
 
 type outcome string

@@ -2,12 +2,16 @@ package rotation
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 )
 
 // seed stores n secrets per namespace under keyID.
@@ -164,5 +168,96 @@ func TestRewriteBoundsConcurrency(t *testing.T) {
 	}
 	if got, want := peak.Load(), int64(3); got > want {
 		t.Errorf("peak patches in flight: got %d, want at most %d", got, want)
+	}
+}
+
+func TestRewriteProbes(t *testing.T) {
+	tests := []struct {
+		name      string
+		tolerance float64
+		// probe answers the n-th probe (from 1); the first 21 make the
+		// idle baseline.
+		probe        func(n int64) error
+		wantBaseline bool
+		wantPeak     int64 // most patches in flight, at most
+		wantLimit    int   // limit at the end, at least
+	}{
+		{
+			name: "probes slower than before the rewrite hold the limit at its start", tolerance: 2,
+			probe: func(n int64) error {
+				if n > probeBaselineSamples {
+					time.Sleep(20 * time.Millisecond)
+				}
+				return nil
+			},
+			wantBaseline: true, wantPeak: 1, wantLimit: 1,
+		},
+		{
+			name: "probes as fast as before the rewrite let the limit grow", tolerance: 10,
+			probe: func(int64) error {
+				time.Sleep(time.Millisecond)
+				return nil
+			},
+			wantBaseline: true, wantPeak: 8, wantLimit: 2,
+		},
+		{
+			name: "an answered error still times the request path", tolerance: 2,
+			probe: func(n int64) error {
+				if n > probeBaselineSamples {
+					time.Sleep(20 * time.Millisecond)
+				}
+				return apierrors.NewNotFound(schema.GroupResource{Resource: "leases"}, "x")
+			},
+			wantBaseline: true, wantPeak: 1, wantLimit: 1,
+		},
+		{
+			name: "unanswered probes leave the patches' latency in charge", tolerance: 2,
+			probe:        func(int64) error { return errors.New("connection refused") },
+			wantBaseline: false, wantPeak: 8, wantLimit: 1,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newFakeEtcd()
+			seed(t, e, "secrets", "file:k/1", 100)
+			a := newFakeAPIServer(t, e, "file:k/2")
+			var inFlight, peak atomic.Int64
+			a.onPatch = func(string) (int, string) {
+				n := inFlight.Add(1)
+				for {
+					p := peak.Load()
+					if n <= p || peak.CompareAndSwap(p, n) {
+						break
+					}
+				}
+				time.Sleep(3 * time.Millisecond)
+				inFlight.Add(-1)
+				return 0, ""
+			}
+			w := newRewriter(t, a)
+			w.Limiter = NewLimiter(LimiterConfig{Max: 8, Initial: 1, Tolerance: tt.tolerance})
+			var probes atomic.Int64
+			w.Probe = func(context.Context) error { return tt.probe(probes.Add(1)) }
+			w.ProbeInterval = 2 * time.Millisecond
+			st, err := w.RewriteListed(context.Background(), mustResource(t, "secrets"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, want := st.Rewritten, int64(100); got != want {
+				t.Errorf("rewritten: got %d, want %d", got, want)
+			}
+			if got := w.Limiter.HasProbeBaseline(); got != tt.wantBaseline {
+				t.Errorf("probe baseline set: got %v, want %v", got, tt.wantBaseline)
+			}
+			if got := probes.Load(); got <= probeBaselineSamples {
+				t.Errorf("probes: got %d, want more than the %d of the baseline (probing during the pass)", got, probeBaselineSamples)
+			}
+			if got := peak.Load(); got > tt.wantPeak {
+				t.Errorf("peak patches in flight: got %d, want at most %d", got, tt.wantPeak)
+			}
+			if got := w.Limiter.Stats().Limit; got < tt.wantLimit {
+				t.Errorf("limit at the end: got %d, want at least %d", got, tt.wantLimit)
+			}
+		})
 	}
 }

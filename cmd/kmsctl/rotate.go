@@ -51,6 +51,8 @@ type rotateFlags struct {
 	crashAfter             string
 	leaseDuration          time.Duration
 	tolerance              float64
+	probeInterval          time.Duration
+	initialConcurrency     int
 	cpuProfile             string
 }
 
@@ -92,7 +94,19 @@ Exit codes: 0 done; 2 objects remain under an old key; 3 --retire refused;
 	fs.DurationVar(&f.propagationWait, "propagation-wait", 0, "wait between creating and promoting a version (default: twice the config's refreshInterval plus 1s)")
 	fs.DurationVar(&f.passiveWait, "passive-wait", 0, "wait after promoting when apiservers cannot be confirmed one by one (default 3+N+5 minutes, N the refresh interval in whole minutes)")
 	fs.DurationVar(&f.confirmTimeout, "confirm-timeout", 3*time.Minute, "how long each apiserver may take to switch")
-	fs.Float64Var(&f.tolerance, "latency-tolerance", 1.5, "how many times its quiet-time latency the apiserver may reach before the rewrite backs off; lower protects other clients, higher finishes sooner")
+	// 2: in make bench-rotation (2 cores, 10000 secrets) other writers'
+	// p99 stayed within 2x idle in every tuning round at about 22-26 s;
+	// 3 took about 17 s but reached 2.2x in one round of four, 4 and the
+	// former patch-latency pacing more (docs/BENCHMARKS.md). A small GET
+	// doubles its latency on a busy apiserver sooner than a write does, so
+	// the number is not the writers' own bound.
+	fs.Float64Var(&f.tolerance, "latency-tolerance", 2, "how many times its idle latency a probe request (a GET of the rotation lease) may take before the rewrite backs off; lower protects other clients, higher finishes sooner")
+	// For tuning the pacing (make bench-rotation): 0 turns the probe off
+	// and lets the patches' own latency drive the limit, as before it.
+	fs.DurationVar(&f.probeInterval, "probe-interval", rotation.DefaultProbeInterval, "time between the probes (GETs of the rotation lease) whose latency paces the rewrite; 0: pace on the patches' latency")
+	_ = fs.MarkHidden("probe-interval")
+	fs.IntVar(&f.initialConcurrency, "initial-concurrency", 0, "patches in flight at the start, before the limit adapts (default 1 with the probe, else 4)")
+	_ = fs.MarkHidden("initial-concurrency")
 	// For the crash-and-resume tests: kill -9 itself after a phase, or after
 	// N objects of the rewrite ("rewrite:N").
 	fs.StringVar(&f.crashAfter, "crash-after", "", "testing only: SIGKILL this process after the named phase")
@@ -177,7 +191,14 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
-	limiter := rotation.NewLimiter(rotation.LimiterConfig{Max: f.concurrency, Tolerance: f.tolerance})
+	initial := f.initialConcurrency
+	if initial == 0 && f.probeInterval > 0 {
+		// Start low and let the probe ramp the limit up: the idle
+		// baseline is known before the first patch, so there is no reason
+		// to open with a burst other clients would feel.
+		initial = 1
+	}
+	limiter := rotation.NewLimiter(rotation.LimiterConfig{Max: f.concurrency, Initial: initial, Tolerance: f.tolerance})
 	rwCfg := rest.CopyConfig(restCfg)
 	// The limiter, not client-go's token bucket, paces the rewrite.
 	rwCfg.QPS, rwCfg.Burst = 5000, 5000
@@ -235,7 +256,21 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 		Progress: progress, Metrics: metrics,
 		Rewriter: &rotation.Rewriter{
 			Client: meta, Limiter: limiter, Workers: f.concurrency, Logger: logger, Progress: progress, Metrics: metrics,
+			ProbeInterval: f.probeInterval,
 		},
+	}
+	if f.probeInterval > 0 {
+		// A client of its own, not the limiter-wrapped one: the probe
+		// stands for another client. No client-side rate limit: client-go's
+		// default 5 QPS would make its wait look like apiserver latency.
+		probeCfg := rest.CopyConfig(restCfg)
+		probeCfg.QPS = -1
+		probeCfg.Timeout = 10 * time.Second
+		probeClient, err := dynamic.NewForConfig(probeCfg)
+		if err != nil {
+			return fmt.Errorf("probe client: %w", err)
+		}
+		r.Rewriter.Probe = rotation.LeaseProbe(probeClient)
 	}
 	report, runErr := r.Run(ctx, opts)
 	if cause := context.Cause(ctx); runErr != nil && cause != nil && !errors.Is(cause, context.Canceled) {
