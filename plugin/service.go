@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -54,7 +53,6 @@ type Service struct {
 	health atomic.Pointer[healthState]
 	// lastKeyID is the key_id last reported, to log changes once.
 	lastKeyID atomic.Pointer[string]
-	refreshMu sync.Mutex
 }
 
 // healthState is the result of the last background check.
@@ -66,8 +64,8 @@ type healthState struct {
 	reason string
 }
 
-// New returns a Service. Call Check once (or Run) before serving so the
-// first Status has a health result.
+// New returns a Service. Call Check once before serving, so the first
+// Status has a health result, then Run in the background.
 func New(opts Options) (*Service, error) {
 	if opts.Provider == nil {
 		return nil, errors.New("plugin: Options.Provider is required")
@@ -263,9 +261,9 @@ func (s *Service) refresh(ctx context.Context) {
 }
 
 // Run checks health and refreshes key state in the background until ctx
-// ends. It checks once before its first wait.
+// ends. Its first check comes after CheckInterval: callers run Check once
+// themselves before serving, so Status is truthful from the first request.
 func (s *Service) Run(ctx context.Context) {
-	s.Check(ctx)
 	check := time.NewTicker(s.opts.CheckInterval)
 	defer check.Stop()
 	refresh := time.NewTicker(s.opts.RefreshInterval)

@@ -51,13 +51,6 @@ func (e *fakeEtcd) put(key string, value []byte) int64 {
 	return e.rev
 }
 
-func (e *fakeEtcd) get(key string) (KeyValue, bool) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	kv, ok := e.kvs[key]
-	return kv, ok
-}
-
 func (e *fakeEtcd) Range(_ context.Context, from, end string, limit int64) ([]KeyValue, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -5,7 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -532,7 +533,7 @@ func (r *runner) retire(ctx context.Context, current string) error {
 	}
 	r.rep.References = refs
 	var used []string
-	for _, k := range sortedKeys(refs) {
+	for _, k := range slices.Sorted(maps.Keys(refs)) {
 		if refs[k] > 0 {
 			used = append(used, fmt.Sprintf("%s: %d objects", k, refs[k]))
 		}
@@ -595,15 +596,6 @@ func resourceNamed(rs []Resource, name string) (Resource, bool) {
 	return Resource{}, false
 }
 
-func sortedKeys(m map[string]int) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
-
 func sleep(ctx context.Context, d time.Duration) error {
 	if d <= 0 {
 		return nil
@@ -637,7 +629,7 @@ func censusLine(c *Census) string {
 	var parts []string
 	for _, rc := range c.Resources {
 		keys := make([]string, 0, len(rc.ByKeyID))
-		for _, k := range sortedKeys(rc.ByKeyID) {
+		for _, k := range slices.Sorted(maps.Keys(rc.ByKeyID)) {
 			mark := ""
 			if k == c.CurrentKeyID {
 				mark = " (current)"

@@ -84,16 +84,6 @@ func (c *unwrapCache) put(k cacheKey, seed []byte) {
 	}
 }
 
-// len reports the number of entries (tests).
-func (c *unwrapCache) len() int {
-	if c == nil {
-		return 0
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.ll.Len()
-}
-
 // purge drops every entry, zeroing the seeds.
 func (c *unwrapCache) purge() {
 	if c == nil {
