@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -127,9 +126,7 @@ The current key comes from --current-key-id or from the provider named in
 				return err
 			}
 			if output == "json" {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(c); err != nil {
+				if err := printJSON(cmd.OutOrStdout(), c); err != nil {
 					return err
 				}
 			} else {

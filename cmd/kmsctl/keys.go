@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -142,9 +141,7 @@ func printVersions(cmd *cobra.Command, vs []providers.KeyVersion, output string)
 		if vs == nil {
 			vs = []providers.KeyVersion{}
 		}
-		enc := json.NewEncoder(cmd.OutOrStdout())
-		enc.SetIndent("", "  ")
-		return enc.Encode(vs)
+		return printJSON(cmd.OutOrStdout(), vs)
 	}
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "KEY ID\tSTATE\tCREATED")
