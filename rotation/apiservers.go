@@ -3,10 +3,13 @@ package rotation
 import (
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -23,6 +26,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // keyIDStatusMetric is the apiserver's record of the last time its plugin's
@@ -41,12 +45,15 @@ type APIServer struct {
 // Resources the orchestrator reads or writes besides the rewritten ones,
 // addressed through the dynamic client (see LeaseGVR for why not typed).
 var (
-	secretsGVR        = schema.GroupVersionResource{Version: "v1", Resource: "secrets"}
-	endpointSlicesGVR = schema.GroupVersionResource{Group: "discovery.k8s.io", Version: "v1", Resource: "endpointslices"}
+	secretsGVR         = schema.GroupVersionResource{Version: "v1", Resource: "secrets"}
+	configMapsGVR      = schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}
+	endpointSlicesGVR  = schema.GroupVersionResource{Group: "discovery.k8s.io", Version: "v1", Resource: "endpointslices"}
+	secretsResource    = Resource{Name: "secrets", GVR: secretsGVR, Path: "secrets"}
+	configMapsResource = Resource{Name: "configmaps", GVR: configMapsGVR, Path: "configmaps"}
 )
 
 // NewAPIServer builds clients for the apiserver at u with the credentials
-// and CA of base (the kubeconfig's). index numbers its canary secret
+// and CA of base (the kubeconfig's). index numbers its canaries
 // (kmsctl-canary-<index>), a fixed name RBAC can grant by resourceNames.
 func NewAPIServer(base *rest.Config, u string, index int) (*APIServer, error) {
 	cfg := rest.CopyConfig(base)
@@ -149,7 +156,7 @@ func (a *APIServer) get(ctx context.Context, path string) ([]byte, error) {
 
 // errNoMetric means the apiserver does not expose the key_id status metric
 // (it is alpha): only the canary can tell.
-var errNoMetric = fmt.Errorf("apiserver does not export %s", keyIDStatusMetric)
+var errNoMetric = errors.New("apiserver does not export " + keyIDStatusMetric)
 
 // LatestKeyIDHashes reads the apiserver's /metrics and returns, per KMS
 // provider name, the key_id hash its latest Status returned.
@@ -194,63 +201,85 @@ func latestKeyIDHashes(metrics []byte) (map[string]string, error) {
 	return out, nil
 }
 
-// canaryName is this apiserver's canary secret: one per apiserver so
+// canaryName is this apiserver's canary object: one per apiserver so
 // concurrent checks do not collide.
 func (a *APIServer) canaryName() string { return a.canary }
 
-// Canary writes the canary secret through this apiserver and returns the
-// key_id etcd now holds for it: the end-to-end proof of which key this
-// apiserver encrypts with. errNoCanary means secrets are not stored under
-// KMS v2, so the canary proves nothing.
-func (a *APIServer) Canary(ctx context.Context, s Store) (string, error) {
-	secrets := a.kube.Resource(secretsGVR).Namespace(metav1.NamespaceSystem)
-	name := a.canaryName()
+// canaryResources are the resources a canary can be written for: core
+// resources whose objects take arbitrary data.
+var canaryResources = map[string]bool{"secrets": true, "configmaps": true}
+
+// Canary writes this apiserver's canary of r (a Secret or ConfigMap in
+// kube-system) through it, and reads it back from etcd at the revision the
+// write returned. It returns how the apiserver wrote it (its writer for r
+// now) and the proof that e is the apiserver's etcd; a canary missing from
+// etcd, or there at another revision, is ErrWrongEtcd.
+func (a *APIServer) Canary(ctx context.Context, e Etcd, r Resource) (etcdlayout.Writer, string, error) {
+	if !canaryResources[r.Name] {
+		return etcdlayout.Writer{}, "", fmt.Errorf("no canary can be written for %s", r.Name)
+	}
+	rv, err := a.writeCanary(ctx, r)
+	if err != nil {
+		return etcdlayout.Writer{}, "", fmt.Errorf("canary %s through %s: %w", r.Name, a.URL, err)
+	}
+	what := fmt.Sprintf("the canary %s kube-system/%s written through %s", r.Name, a.canaryName(), a.URL)
+	key := e.Layout.Key(r.Path, metav1.NamespaceSystem, a.canaryName())
+	proof, err := proveRevision(ctx, e, what, key, rv)
+	if err != nil {
+		return etcdlayout.Writer{}, "", err
+	}
+	kv, _, err := etcdlayout.Get(ctx, e.Store, key)
+	if err != nil {
+		return etcdlayout.Writer{}, "", fmt.Errorf("canary read back: %w", err)
+	}
+	return etcdlayout.WriterOf(etcdlayout.Decode(kv.Value)), proof, nil
+}
+
+// writeCanary creates or updates the canary of r and returns the
+// resourceVersion of that write.
+func (a *APIServer) writeCanary(ctx context.Context, r Resource) (string, error) {
+	objs := a.kube.Resource(r.GVR).Namespace(metav1.NamespaceSystem)
 	stamp := map[string]string{"kms-plugin.kms-v2.io/canary": time.Now().UTC().Format(time.RFC3339Nano)}
-	cur, err := secrets.Get(ctx, name, metav1.GetOptions{})
-	switch {
-	case apierrors.IsNotFound(err):
-		canary := &unstructured.Unstructured{Object: map[string]any{
-			"apiVersion": "v1",
-			"kind":       "Secret",
-			"data": map[string]any{
-				"canary": base64.StdEncoding.EncodeToString([]byte("written by kmsctl rotate to check which key this apiserver uses")),
-			},
-		}}
-		canary.SetName(name)
-		canary.SetAnnotations(stamp)
-		canary.SetLabels(map[string]string{"app.kubernetes.io/managed-by": "kmsctl"})
-		_, err = secrets.Create(ctx, canary, metav1.CreateOptions{})
-	case err == nil:
+	cur, err := objs.Get(ctx, a.canaryName(), metav1.GetOptions{})
+	if err == nil {
 		cur.SetAnnotations(stamp)
-		_, err = secrets.Update(ctx, cur, metav1.UpdateOptions{})
+		cur, err = objs.Update(ctx, cur, metav1.UpdateOptions{})
+		if err != nil {
+			return "", err
+		}
+		return cur.GetResourceVersion(), nil
 	}
+	if !apierrors.IsNotFound(err) {
+		return "", err
+	}
+	note := "written by kmsctl rotate to check how this apiserver stores " + r.Name
+	data := map[string]any{"canary": note}
+	kind := "ConfigMap"
+	if r.Name == "secrets" {
+		kind, data = "Secret", map[string]any{"canary": base64.StdEncoding.EncodeToString([]byte(note))}
+	}
+	canary := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "v1", "kind": kind, "data": data}}
+	canary.SetName(a.canaryName())
+	canary.SetAnnotations(stamp)
+	canary.SetLabels(map[string]string{"app.kubernetes.io/managed-by": "kmsctl"})
+	created, err := objs.Create(ctx, canary, metav1.CreateOptions{})
 	if err != nil {
-		return "", fmt.Errorf("canary through %s: %w", a.URL, err)
+		return "", err
 	}
-	kvs, err := s.Range(ctx, "/registry/secrets/kube-system/"+name, "/registry/secrets/kube-system/"+name+"\x00", 1)
-	if err != nil {
-		return "", fmt.Errorf("canary read back: %w", err)
-	}
-	if len(kvs) == 0 {
-		return "", fmt.Errorf("canary %s not found in etcd", name)
-	}
-	sv := DecodeStoredValue(kvs[0].Value)
-	if sv.Encoding != EncodingKMSv2 {
-		return "", errNoCanary
-	}
-	return sv.KeyID, nil
+	return created.GetResourceVersion(), nil
 }
 
-// DeleteCanary removes this apiserver's canary secret.
-func (a *APIServer) DeleteCanary(ctx context.Context) error {
-	err := a.kube.Resource(secretsGVR).Namespace(metav1.NamespaceSystem).Delete(ctx, a.canaryName(), metav1.DeleteOptions{})
-	if apierrors.IsNotFound(err) {
-		return nil
+// DeleteCanaries removes this apiserver's canaries.
+func (a *APIServer) DeleteCanaries(ctx context.Context) error {
+	var errs []error
+	for _, gvr := range []schema.GroupVersionResource{secretsGVR, configMapsGVR} {
+		err := a.kube.Resource(gvr).Namespace(metav1.NamespaceSystem).Delete(ctx, a.canaryName(), metav1.DeleteOptions{})
+		if err != nil && !apierrors.IsNotFound(err) {
+			errs = append(errs, err)
+		}
 	}
-	return err
+	return errors.Join(errs...)
 }
-
-var errNoCanary = fmt.Errorf("secrets are not stored under KMS v2; the canary cannot tell the key")
 
 // APIServerCheck is what confirming one apiserver found.
 type APIServerCheck struct {
@@ -262,67 +291,62 @@ type APIServerCheck struct {
 	Attempts int      `json:"attempts"`
 	Error    string   `json:"error,omitempty"`
 	Took     Duration `json:"took"`
+	// TookSeconds is Took in seconds.
+	TookSeconds float64 `json:"tookSeconds"`
 }
 
 // confirmOnce checks one apiserver once: nudge, metrics, canary.
-func (a *APIServer) confirmOnce(ctx context.Context, s Store, keyID string) ([]string, error) {
+func (a *APIServer) confirmOnce(ctx context.Context, e Etcd, want etcdlayout.Writer, with Resource) ([]string, error) {
 	_ = a.Readyz(ctx)
-	want := providers.HashKeyID(keyID)
-	var by []string
 	hashes, merr := a.LatestKeyIDHashes(ctx)
-	switch {
-	case merr == nil:
-		found := false
-		for _, h := range hashes {
-			found = found || h == want
-		}
-		if !found {
-			return nil, fmt.Errorf("its latest plugin Status did not return %s yet", keyID)
-		}
-		by = append(by, "metrics")
-	case merr != errNoMetric:
+	if merr != nil && !errors.Is(merr, errNoMetric) {
 		return nil, merr
 	}
-	if s != nil {
-		got, err := a.Canary(ctx, s)
-		switch {
-		case err == nil && got == keyID:
-			by = append(by, "canary")
-		case err == nil:
-			return nil, fmt.Errorf("canary written through it is under %s, not %s", got, keyID)
-		case err != errNoCanary:
-			return nil, err
+	var by []string
+	if merr == nil {
+		if !slices.Contains(slices.Collect(maps.Values(hashes)), providers.HashKeyID(want.KeyID)) {
+			return nil, fmt.Errorf("its latest plugin Status did not return %s yet", want.KeyID)
 		}
+		by = append(by, "metrics")
 	}
-	if len(by) == 0 {
-		return nil, fmt.Errorf("neither its metrics nor a canary can tell its key")
+	if with.Name == "" {
+		if len(by) == 0 {
+			return nil, fmt.Errorf("neither its metrics nor a canary (no canary resource is encrypted through the plugin) can tell its key")
+		}
+		return by, nil
 	}
-	return by, nil
+	got, _, err := a.Canary(ctx, e, with)
+	switch {
+	case err != nil:
+		return nil, err
+	case got != want:
+		return nil, fmt.Errorf("its canary %s is stored as %s, not %s", with.Name, got, want)
+	}
+	return append(by, "canary"), nil
 }
 
-// Confirm polls one apiserver until it proves it encrypts with keyID or
-// timeout passes, nudging it each time.
-func (a *APIServer) Confirm(ctx context.Context, s Store, keyID string, interval, timeout time.Duration) APIServerCheck {
+// Confirm polls one apiserver until it proves it writes as want (provider
+// name and key_id) or timeout passes, nudging it each time. The proof is
+// its Status metric and a canary of with read back from etcd (a zero with:
+// the metric alone).
+func (a *APIServer) Confirm(ctx context.Context, e Etcd, want etcdlayout.Writer, with Resource, interval, timeout time.Duration) APIServerCheck {
 	start := time.Now()
 	c := APIServerCheck{URL: a.URL}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	for {
 		c.Attempts++
-		by, err := a.confirmOnce(ctx, s, keyID)
+		by, err := a.confirmOnce(ctx, e, want, with)
 		if err == nil {
 			c.Switched, c.By, c.Error = true, by, ""
-			c.Took = Duration(time.Since(start))
-			return c
+			break
 		}
 		c.Error = err.Error()
-		t := time.NewTimer(interval)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			c.Took = Duration(time.Since(start))
-			return c
-		case <-t.C:
+		if errors.Is(err, ErrWrongEtcd) || sleep(ctx, interval) != nil {
+			break
 		}
 	}
+	c.Took = Duration(time.Since(start))
+	c.TookSeconds = c.Took.Seconds()
+	return c
 }

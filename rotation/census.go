@@ -1,60 +1,142 @@
 package rotation
 
 import (
+	"cmp"
 	"context"
 	"fmt"
-	"sort"
+	"maps"
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
-// DefaultStaleListLimit bounds how many stale objects a census names, so a
-// census of a huge cluster stays small; the counts are always complete.
+// DefaultStaleListLimit bounds how many objects a census names per
+// resource, so a census of a huge cluster stays small; the counts are always
+// complete.
 const DefaultStaleListLimit = 50
+
+// Etcd is the etcd a run reads and how the apiserver lays out its keys in it.
+type Etcd struct {
+	Store  etcdlayout.Store
+	Layout etcdlayout.Layout
+}
+
+// Writers says, per resource name, how the apiserver writes that resource
+// now. A census judges every stored value against it; a nil map (or a
+// resource missing from it) means counts only, no judgement.
+type Writers map[string]etcdlayout.Writer
+
+// withKey returns a copy whose KMS v2 writers use keyID: the writers after
+// a promote.
+func (w Writers) withKey(keyID string) Writers {
+	out := Writers{}
+	for name, wr := range w {
+		if wr.Encoding == etcdlayout.EncodingKMSv2 {
+			wr.KeyID = keyID
+		}
+		out[name] = wr
+	}
+	return out
+}
+
+// StoredCount is how many objects of a resource one KMS v2 provider name
+// and key_id protect.
+type StoredCount struct {
+	Provider string `json:"provider"`
+	KeyID    string `json:"keyID"`
+	Objects  int    `json:"objects"`
+	// Current says this is how the apiserver writes the resource now.
+	Current bool `json:"current"`
+}
+
+// NamedObject is one object a census names: stale or undecodable, with the
+// resourceVersion (etcd mod revision) it had when scanned.
+type NamedObject struct {
+	Namespace string `json:"namespace,omitempty"`
+	Name      string `json:"name"`
+	// Stored says how it is stored: "kms:v2 a file:k/1", "plaintext", ...
+	Stored          string `json:"stored"`
+	ResourceVersion int64  `json:"resourceVersion"`
+}
 
 // ResourceCensus counts how the objects of one resource are stored.
 type ResourceCensus struct {
 	Resource string `json:"resource"`
+	// Writer is how the apiserver writes the resource now; nil when the
+	// census was not told, and then nothing is judged stale.
+	Writer *etcdlayout.Writer `json:"writer,omitempty"`
 	// Total is every object found under the resource's etcd prefix.
 	Total int `json:"total"`
-	// ByKeyID counts KMS v2 objects by the key_id that protects them.
-	ByKeyID map[string]int `json:"byKeyID"`
-	// Unencrypted counts objects stored in plaintext (identity).
-	Unencrypted int `json:"unencrypted"`
-	// OtherEncryption counts objects under a non-KMS-v2 provider.
-	OtherEncryption int `json:"otherEncryption"`
-	// Undecodable counts KMS v2 values whose envelope does not parse.
+	// ByProvider counts KMS v2 objects by provider name and key_id.
+	ByProvider []StoredCount `json:"byProvider"`
+	// Plaintext counts unencrypted objects (identity).
+	Plaintext int `json:"plaintext"`
+	// Other counts objects under aescbc, aesgcm, secretbox or KMS v1.
+	Other int `json:"other"`
+	// Undecodable counts encrypted values whose envelope does not parse.
 	Undecodable int `json:"undecodable"`
-	// Stale counts KMS v2 objects under a key other than the current one.
+	// Stale counts decodable objects not stored as Writer writes: another
+	// key_id or provider name, plaintext, or another provider kind.
 	Stale int `json:"stale"`
-	// StaleObjects names up to a limit of the stale objects.
-	StaleObjects []StaleObject `json:"staleObjects,omitempty"`
+	// StaleObjects and UndecodableObjects name up to a limit of them.
+	StaleObjects       []NamedObject `json:"staleObjects,omitempty"`
+	UndecodableObjects []NamedObject `json:"undecodableObjects,omitempty"`
 }
 
-// StaleObject is one object still under an old key, with the
-// resourceVersion (etcd mod revision) it had when scanned.
-type StaleObject struct {
-	Namespace       string `json:"namespace,omitempty"`
-	Name            string `json:"name"`
-	KeyID           string `json:"keyID"`
-	ResourceVersion int64  `json:"resourceVersion"`
+// Objects is how many objects provider name and keyID protect.
+func (rc *ResourceCensus) Objects(provider, keyID string) int {
+	for _, s := range rc.ByProvider {
+		if s.Provider == provider && s.KeyID == keyID {
+			return s.Objects
+		}
+	}
+	return 0
+}
+
+// KeyIDObjects is how many objects keyID protects, under any provider name.
+func (rc *ResourceCensus) KeyIDObjects(keyID string) int {
+	n := 0
+	for _, s := range rc.ByProvider {
+		if s.KeyID == keyID {
+			n += s.Objects
+		}
+	}
+	return n
 }
 
 // Census is a read-only count of how every object of some resources is
 // stored in etcd: the proof that a rotation finished.
 type Census struct {
-	// CurrentKeyID is the key objects are judged against.
-	CurrentKeyID string           `json:"currentKeyID"`
-	Resources    []ResourceCensus `json:"resources"`
-	TakenAt      time.Time        `json:"takenAt"`
-	Duration     Duration         `json:"duration"`
+	// Store names the etcd read, Prefix the key prefix scanned under it.
+	Store  string `json:"store"`
+	Prefix string `json:"prefix"`
+	// Proof says what proved Store and Prefix are the apiserver's: an
+	// object read through it found at the same revision in etcd.
+	Proof           string           `json:"proof,omitempty"`
+	Resources       []ResourceCensus `json:"resources"`
+	TakenAt         time.Time        `json:"takenAt"`
+	Duration        Duration         `json:"duration"`
+	DurationSeconds float64          `json:"durationSeconds"`
 }
 
-// Stale is the number of objects under a key other than CurrentKeyID.
+// Stale is the number of decodable objects not stored as the apiserver
+// writes now: what a rewrite can fix.
 func (c *Census) Stale() int {
 	n := 0
 	for _, r := range c.Resources {
 		n += r.Stale
+	}
+	return n
+}
+
+// NotCurrent is every object not stored as the apiserver writes now: the
+// stale ones and the undecodable ones.
+func (c *Census) NotCurrent() int {
+	n := c.Stale()
+	for _, r := range c.Resources {
+		n += r.Undecodable
 	}
 	return n
 }
@@ -68,124 +150,182 @@ func (c *Census) Total() int {
 	return n
 }
 
-// KeyIDs returns every key_id that protects at least one counted object.
-func (c *Census) KeyIDs() []string {
-	seen := map[string]bool{}
-	for _, r := range c.Resources {
-		for k := range r.ByKeyID {
-			seen[k] = true
+// Resource returns the count of the resource named name, or nil.
+func (c *Census) Resource(name string) *ResourceCensus {
+	for i := range c.Resources {
+		if c.Resources[i].Resource == name {
+			return &c.Resources[i]
 		}
 	}
-	out := make([]string, 0, len(seen))
-	for k := range seen {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
+	return nil
 }
 
 // CensusOptions tune a census; the zero value is usable.
 type CensusOptions struct {
-	// PageSize is how many values one etcd request fetches (default 500).
+	// PageSize is how many values one etcd request fetches (default
+	// etcdlayout.DefaultPageSize).
 	PageSize int64
-	// StaleListLimit bounds StaleObjects per resource (default
-	// DefaultStaleListLimit; negative lists none).
+	// StaleListLimit bounds the named objects per resource (default
+	// DefaultStaleListLimit; negative names none).
 	StaleListLimit int
 }
 
 // TakeCensus scans each resource's etcd prefix page by page and counts its
-// objects by key_id. It only reads, and its memory does not grow with the
-// number of objects (only counters and the bounded stale list do).
-func TakeCensus(ctx context.Context, s Store, resources []Resource, currentKeyID string, opts CensusOptions) (*Census, error) {
+// objects by how they are stored, judging each against the resource's
+// writer. It only reads, and its memory does not grow with the number of
+// objects (only counters and the bounded name lists do).
+func TakeCensus(ctx context.Context, e Etcd, rs []Resource, w Writers, opts CensusOptions) (*Census, error) {
 	start := time.Now()
-	limit := opts.StaleListLimit
-	if limit == 0 {
-		limit = DefaultStaleListLimit
-	}
-	c := &Census{CurrentKeyID: currentKeyID, TakenAt: start.UTC()}
-	for _, r := range resources {
-		rc := ResourceCensus{Resource: r.Name, ByKeyID: map[string]int{}}
-		err := scanStored(ctx, s, r, opts.PageSize, func(kv KeyValue, key ObjectKey, sv StoredValue) error {
-			rc.Total++
-			switch sv.Encoding {
-			case EncodingKMSv2:
-				rc.ByKeyID[sv.KeyID]++
-				if sv.KeyID != currentKeyID {
-					rc.Stale++
-					if len(rc.StaleObjects) < limit {
-						rc.StaleObjects = append(rc.StaleObjects, StaleObject{Namespace: key.Namespace, Name: key.Name, KeyID: sv.KeyID, ResourceVersion: kv.ModRevision})
-					}
-				}
-			case EncodingPlain:
-				rc.Unencrypted++
-			case EncodingOther:
-				rc.OtherEncryption++
-			default:
-				rc.Undecodable++
-			}
-			return nil
-		})
+	limit := cmp.Or(opts.StaleListLimit, DefaultStaleListLimit)
+	c := &Census{Store: e.Store.Describe(), Prefix: e.Layout.Prefix(), TakenAt: start.UTC()}
+	for _, r := range rs {
+		var writer *etcdlayout.Writer
+		if wr, ok := w[r.Name]; ok {
+			writer = &wr
+		}
+		rc, err := countResource(ctx, e, r, writer, opts.PageSize, limit)
 		if err != nil {
-			return nil, fmt.Errorf("census of %s: %w", r.Name, err)
+			return nil, fmt.Errorf("census of %s in %s under %s: %w", r.Name, e.Store.Describe(), e.Layout.ResourcePrefix(r.Path), err)
 		}
 		c.Resources = append(c.Resources, rc)
 	}
 	c.Duration = Duration(time.Since(start))
+	c.DurationSeconds = c.Duration.Seconds()
 	return c, nil
 }
 
-// scanStored decodes every value under a resource's prefix. Keys that do not
-// parse as objects of the resource are skipped: they are not objects.
-func scanStored(ctx context.Context, s Store, r Resource, pageSize int64, fn func(KeyValue, ObjectKey, StoredValue) error) error {
-	res := r.etcdResource()
-	return scan(ctx, s, r.EtcdPrefix, pageSize, func(kv KeyValue) error {
-		key, err := ParseObjectKey(kv.Key, res)
+// countResource is one resource's part of TakeCensus.
+func countResource(ctx context.Context, e Etcd, r Resource, w *etcdlayout.Writer, pageSize int64, limit int) (ResourceCensus, error) {
+	rc := ResourceCensus{Resource: r.Name, Writer: w, ByProvider: []StoredCount{}}
+	byProvider := map[StoredCount]int{}
+	name := func(key etcdlayout.ObjectKey, kv etcdlayout.KeyValue, v etcdlayout.Value) NamedObject {
+		return NamedObject{Namespace: key.Namespace, Name: key.Name, Stored: describeValue(v), ResourceVersion: kv.ModRevision}
+	}
+	err := scanResource(ctx, e, r, pageSize, func(kv etcdlayout.KeyValue, key etcdlayout.ObjectKey, v etcdlayout.Value) error {
+		rc.Total++
+		switch v.Encoding {
+		case etcdlayout.EncodingKMSv2:
+			byProvider[StoredCount{Provider: v.Provider, KeyID: v.KeyID}]++
+		case etcdlayout.EncodingPlain:
+			rc.Plaintext++
+		case etcdlayout.EncodingOther:
+			rc.Other++
+		default:
+			rc.Undecodable++
+			if len(rc.UndecodableObjects) < limit {
+				rc.UndecodableObjects = append(rc.UndecodableObjects, name(key, kv, v))
+			}
+			return nil
+		}
+		if w != nil && !w.Current(v) {
+			rc.Stale++
+			if len(rc.StaleObjects) < limit {
+				rc.StaleObjects = append(rc.StaleObjects, name(key, kv, v))
+			}
+		}
+		return nil
+	})
+	for sc, n := range byProvider {
+		sc.Objects = n
+		sc.Current = w != nil && w.Current(etcdlayout.Value{Encoding: etcdlayout.EncodingKMSv2, Kind: "kms:v2", Provider: sc.Provider, KeyID: sc.KeyID})
+		rc.ByProvider = append(rc.ByProvider, sc)
+	}
+	slices.SortFunc(rc.ByProvider, func(a, b StoredCount) int {
+		return cmp.Or(cmp.Compare(a.Provider, b.Provider), cmp.Compare(a.KeyID, b.KeyID))
+	})
+	return rc, err
+}
+
+// describeValue says in a few words how a value is stored, for named
+// objects: never its data.
+func describeValue(v etcdlayout.Value) string {
+	switch v.Encoding {
+	case etcdlayout.EncodingKMSv2:
+		return fmt.Sprintf("kms:v2 %s %s", v.Provider, v.KeyID)
+	case etcdlayout.EncodingPlain:
+		return "plaintext"
+	case etcdlayout.EncodingOther:
+		return v.Kind + " " + v.Provider
+	}
+	return fmt.Sprintf("undecodable: %v", v.Err)
+}
+
+// scanResource decodes every value under a resource's prefix. Keys that do
+// not parse as objects of the resource are skipped: they are not objects.
+func scanResource(ctx context.Context, e Etcd, r Resource, pageSize int64, fn func(etcdlayout.KeyValue, etcdlayout.ObjectKey, etcdlayout.Value) error) error {
+	return etcdlayout.Scan(ctx, e.Store, e.Layout.ResourcePrefix(r.Path), pageSize, func(kv etcdlayout.KeyValue) error {
+		key, err := e.Layout.ParseKey(kv.Key, r.Path)
 		if err != nil {
 			return nil
 		}
-		return fn(kv, key, DecodeStoredValue(kv.Value))
+		return fn(kv, key, etcdlayout.Decode(kv.Value))
 	})
 }
 
-// ScanStale calls fn for every object of r stored under a KMS v2 key other
-// than currentKeyID, as the scan finds it. Later rewrite passes are driven
-// by it, so they touch only the objects that still need it.
-func ScanStale(ctx context.Context, s Store, r Resource, currentKeyID string, pageSize int64, fn func(StaleObject) error) error {
-	return scanStored(ctx, s, r, pageSize, func(kv KeyValue, key ObjectKey, sv StoredValue) error {
-		if sv.Encoding != EncodingKMSv2 || sv.KeyID == currentKeyID {
+// StaleObject is one object a later rewrite pass patches, at the
+// resourceVersion the scan found.
+type StaleObject struct {
+	Namespace, Name string
+	ResourceVersion int64
+}
+
+// ScanStale calls fn for every decodable object of r not stored as w
+// writes, as the scan finds it. Later rewrite passes are driven by it, so
+// they touch only the objects that still need it.
+func ScanStale(ctx context.Context, e Etcd, r Resource, w etcdlayout.Writer, pageSize int64, fn func(StaleObject) error) error {
+	return scanResource(ctx, e, r, pageSize, func(kv etcdlayout.KeyValue, key etcdlayout.ObjectKey, v etcdlayout.Value) error {
+		if v.Encoding == etcdlayout.EncodingUndecodable || w.Current(v) {
 			return nil
 		}
-		return fn(StaleObject{Namespace: key.Namespace, Name: key.Name, KeyID: sv.KeyID, ResourceVersion: kv.ModRevision})
+		return fn(StaleObject{Namespace: key.Namespace, Name: key.Name, ResourceVersion: kv.ModRevision})
 	})
 }
 
-// KeyReferences counts, over everything under /registry/ (every resource,
-// not only the ones being rotated), the objects protected by each of
-// keyIDs. Retirement is gated on it, because a resource left out of
+// UndecodableKey counts, in KeyReferences, the values no one can read: one
+// of them might use any key.
+const UndecodableKey = "<undecodable>"
+
+// KeyReferences counts, over every object under the prefix (every
+// resource, not only the ones being rotated), the objects protected by each
+// of keyIDs under any provider name, plus undecodable values under
+// UndecodableKey. Retirement is gated on it, because a resource left out of
 // --resources may still be encrypted under the old key.
-func KeyReferences(ctx context.Context, s Store, keyIDs []string, pageSize int64) (map[string]int, error) {
-	want := map[string]bool{}
+func KeyReferences(ctx context.Context, e Etcd, keyIDs []string, pageSize int64) (map[string]int, error) {
 	out := map[string]int{}
 	for _, k := range keyIDs {
-		want[k] = true
 		out[k] = 0
 	}
-	err := scan(ctx, s, "/registry/", pageSize, func(kv KeyValue) error {
-		sv := DecodeStoredValue(kv.Value)
-		if sv.Encoding == EncodingKMSv2 && want[sv.KeyID] {
-			out[sv.KeyID]++
+	err := etcdlayout.Scan(ctx, e.Store, e.Layout.All(), pageSize, func(kv etcdlayout.KeyValue) error {
+		v := etcdlayout.Decode(kv.Value)
+		if _, want := out[v.KeyID]; want && v.Encoding == etcdlayout.EncodingKMSv2 {
+			out[v.KeyID]++
 		}
-		if sv.Encoding == EncodingUndecodable {
-			// An envelope we cannot read might use any key: refuse to
-			// prove it does not.
-			out["<undecodable>"]++
+		if v.Encoding == etcdlayout.EncodingUndecodable {
+			out[UndecodableKey]++
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("scan /registry for key references: %w", err)
+		return nil, fmt.Errorf("scan %s in %s for key references: %w", e.Layout.All(), e.Store.Describe(), err)
 	}
 	return out, nil
+}
+
+// KMSv2Resources lists the etcd paths (first segment under the prefix)
+// that hold at least one KMS v2 value: what is really encrypted through a
+// plugin, when nothing else says.
+func KMSv2Resources(ctx context.Context, e Etcd) ([]string, error) {
+	seen := map[string]bool{}
+	err := etcdlayout.Scan(ctx, e.Store, e.Layout.All(), 0, func(kv etcdlayout.KeyValue) error {
+		if etcdlayout.Decode(kv.Value).Encoding == etcdlayout.EncodingKMSv2 {
+			seen[e.Layout.TopSegment(kv.Key)] = true
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("scan %s in %s for KMS v2 values: %w", e.Layout.All(), e.Store.Describe(), err)
+	}
+	return slices.Sorted(maps.Keys(seen)), nil
 }
 
 // Duration is a time.Duration that reads well in JSON reports.
@@ -193,11 +333,14 @@ type Duration time.Duration
 
 // MarshalJSON writes d as a duration string such as "1.5s".
 func (d Duration) MarshalJSON() ([]byte, error) {
-	return []byte(`"` + time.Duration(d).Round(time.Millisecond).String() + `"`), nil
+	return []byte(`"` + d.String() + `"`), nil
 }
 
 // String formats d like time.Duration.
 func (d Duration) String() string { return time.Duration(d).Round(time.Millisecond).String() }
+
+// Seconds is d in seconds, for the machine-readable twin of each duration.
+func (d Duration) Seconds() float64 { return time.Duration(d).Round(time.Millisecond).Seconds() }
 
 // UnmarshalJSON reads a duration string, so reports round-trip.
 func (d *Duration) UnmarshalJSON(b []byte) error {

@@ -14,8 +14,11 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/metadata"
+
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // DefaultPageSize is the LIST page size of the rewrite and the etcd page
@@ -166,12 +169,13 @@ func (w *Rewriter) RewriteListed(ctx context.Context, r Resource) (RewriteStats,
 	})
 }
 
-// RewriteStale patches only the objects a scan of etcd finds under a key
-// other than currentKeyID, using the mod revision from etcd as the
-// resourceVersion. Later passes use it: they touch only what is left.
-func (w *Rewriter) RewriteStale(ctx context.Context, r Resource, s Store, currentKeyID string) (RewriteStats, error) {
+// RewriteStale patches only the objects a scan of etcd finds not stored as
+// writer writes (another key_id or provider name, plaintext, another
+// provider kind), using the mod revision from etcd as the resourceVersion.
+// Later passes use it: they touch only what is left.
+func (w *Rewriter) RewriteStale(ctx context.Context, r Resource, e Etcd, writer etcdlayout.Writer) (RewriteStats, error) {
 	return w.run(ctx, r, func(ctx context.Context, out chan<- target) error {
-		return ScanStale(ctx, s, r, currentKeyID, w.pageSize(), func(o StaleObject) error {
+		return ScanStale(ctx, e, r, writer, w.pageSize(), func(o StaleObject) error {
 			select {
 			case out <- target{namespace: o.Namespace, name: o.Name, rv: strconv.FormatInt(o.ResourceVersion, 10)}:
 				return nil
@@ -368,29 +372,32 @@ func (w *Rewriter) patch(ctx context.Context, r Resource, t target) (outcome, er
 	return outcomeError, err
 }
 
-// retry runs op until it succeeds, fails permanently, or Attempts run out,
-// backing off exponentially (200 ms doubling to 5 s) between tries.
+// retry runs op until it succeeds, fails permanently, ctx is done, or
+// Attempts tries have run, and returns op's last error (never the back-off's
+// own), so callers can still tell a 409 or a 404 apart. Between tries it
+// backs off exponentially, 200 ms doubling to 5 s, each pause lengthened at
+// random by up to 20%: after an apiserver restart every worker fails at
+// once, and the jitter spreads their retries instead of sending them back in
+// one burst each time.
+//
+// The pauses come from the Backoff's DelayFunc, not from
+// wait.ExponentialBackoffWithContext: that one ends the tries as soon as a
+// pause reaches Cap (it sets Steps to 0 there), after 5 tries instead of 8.
 func (w *Rewriter) retry(ctx context.Context, op func() error) error {
 	attempts := w.Attempts
 	if attempts <= 0 {
 		attempts = 8
 	}
-	delay := 200 * time.Millisecond
+	backoff := wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.2, Steps: attempts, Cap: 5 * time.Second}
 	var err error
-	for i := 0; i < attempts; i++ {
+	tries := 0
+	// Until runs op at once, then after each pause; it returns ctx's error
+	// when ctx ends during a pause, but op's last error is the answer.
+	_ = backoff.DelayFunc().Until(ctx, true, true, func(ctx context.Context) (bool, error) {
 		err = op()
-		if err == nil || permanent(err) || ctx.Err() != nil {
-			return err
-		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return err
-		case <-t.C:
-		}
-		delay = min(2*delay, 5*time.Second)
-	}
+		tries++
+		return err == nil || permanent(err) || ctx.Err() != nil || tries >= attempts, nil
+	})
 	return err
 }
 

@@ -5,70 +5,161 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
-	"slices"
 	"strings"
 	"text/tabwriter"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
-	"go.etcd.io/etcd/client/pkg/v3/transport"
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
+	"k8s.io/client-go/metadata"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
 	"github.com/kms-v2/kms-plugin/config"
 	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // Exit codes of census and rotate, for scripts.
 const (
-	exitObjectsRemain = 2 // objects under a key other than the current one
+	exitObjectsRemain = 2 // objects not stored as the apiserver writes now
 	exitRetireRefused = 3 // --retire found the old key still in use
 	exitNotSwitched   = 4 // an apiserver did not switch to the new key
-	exitLocked        = 5 // another rotation holds the lease
+	exitLocked        = 5 // another, live rotation holds the lease
 )
 
-// etcdFlags are the flags that reach etcd read-only.
-type etcdFlags struct {
-	endpoints            []string
-	cacert, cert, keyPEM string
+// censusFlags are the flags of `kmsctl census`.
+type censusFlags struct {
+	cluster    clusterFlags
+	current    string
+	configPath string
+	output     string
+	limit      int
 }
 
-func (f *etcdFlags) register(fs *pflag.FlagSet) {
-	fs.StringSliceVar(&f.endpoints, "etcd-endpoints", nil, "etcd client URLs (comma-separated); read only, for the census")
-	fs.StringVar(&f.cacert, "etcd-cacert", "", "CA bundle that signed etcd's serving certificate")
-	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate for etcd")
-	fs.StringVar(&f.keyPEM, "etcd-key", "", "client key for etcd")
+func censusCommand() *cobra.Command {
+	var f censusFlags
+	cmd := &cobra.Command{
+		Use:   "census",
+		Short: "Count, read-only from etcd, how every stored object is protected",
+		Long: `census proves first that it reads the apiserver's etcd: it reads the
+kube-system namespace through the apiserver (--kubeconfig) and the same key
+from etcd under --etcd-prefix, and stops unless the resourceVersion equals
+the mod revision. It then scans etcd page by page (read only) and counts,
+per resource, the objects under each KMS v2 provider name and key_id, the
+plaintext ones, those under another encryption provider, and the
+undecodable ones, and names those not stored as the apiserver writes now.
+How the apiserver writes each resource comes from --encryption-config (the
+provider) and --config or --current-key-id (the key_id).
+Exit code 2 when any object is not stored as the apiserver writes now.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runCensus(cmd, f) },
+	}
+	fs := cmd.Flags()
+	f.cluster.register(fs, "count")
+	fs.StringVar(&f.current, "current-key-id", "", "the key_id the apiserver's plugin writes with (default: the primary of the provider in --config)")
+	fs.StringVar(&f.configPath, "config", "", "plugin configuration file; its provider's primary is the current key_id")
+	fs.StringVarP(&f.output, "output", "o", "table", "output format: table or json")
+	fs.IntVar(&f.limit, "list-limit", rotation.DefaultStaleListLimit, "how many objects not stored as the apiserver writes now to name per resource")
+	return cmd
 }
 
-// open returns a read-only store, or nil when no endpoint was given.
-func (f *etcdFlags) open() (rotation.Store, func(), error) {
-	if len(f.endpoints) == 0 {
-		return nil, func() {}, nil
+func runCensus(cmd *cobra.Command, f censusFlags) error {
+	if f.output != "table" && f.output != "json" {
+		return fmt.Errorf("-o %q: want table or json", f.output)
 	}
-	cfg := clientv3.Config{Endpoints: f.endpoints, DialTimeout: 10 * time.Second, Logger: zap.NewNop()}
-	if f.cacert != "" || f.cert != "" || f.keyPEM != "" {
-		tlsInfo := transport.TLSInfo{TrustedCAFile: f.cacert, CertFile: f.cert, KeyFile: f.keyPEM}
-		tc, err := tlsInfo.ClientConfig()
-		if err != nil {
-			return nil, nil, fmt.Errorf("etcd TLS: %w", err)
-		}
-		cfg.TLS = tc
+	if err := f.cluster.validate(); err != nil {
+		return err
 	}
-	cli, err := clientv3.New(cfg)
+	ctx := cmd.Context()
+	c, err := takeCensus(ctx, f)
 	if err != nil {
-		return nil, nil, fmt.Errorf("etcd %s: %w", strings.Join(f.endpoints, ","), err)
+		return err
 	}
-	return rotation.EtcdStore{KV: cli.KV}, func() { cli.Close() }, nil
+	if f.output == "json" {
+		if err := printJSON(cmd.OutOrStdout(), c); err != nil {
+			return err
+		}
+	} else {
+		printCensus(cmd.OutOrStdout(), c)
+	}
+	if n := c.NotCurrent(); n > 0 {
+		return &exitError{exitObjectsRemain, fmt.Errorf("%d objects not stored as the apiserver writes now", n)}
+	}
+	return nil
 }
 
-// primaryFromConfig asks the configured provider for its primary key_id,
-// the key a census judges objects against.
-func primaryFromConfig(ctx context.Context, path string) (string, error) {
-	cfg, err := config.Load(path)
+// takeCensus proves the etcd, resolves resources and writers, and counts.
+func takeCensus(ctx context.Context, f censusFlags) (*rotation.Census, error) {
+	cfg, err := f.cluster.loadEncryptionConfig()
+	if err != nil {
+		return nil, err
+	}
+	restCfg, err := f.cluster.restConfig()
+	if err != nil {
+		return nil, err
+	}
+	meta, err := metadata.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("metadata client: %w", err)
+	}
+	e, closeEtcd, err := f.cluster.openEtcd()
+	if err != nil {
+		return nil, err
+	}
+	defer closeEtcd()
+	proof, err := rotation.ProveEtcd(ctx, e, meta, rotation.KubeSystemNamespace)
+	if err != nil {
+		return nil, err
+	}
+	res, err := f.cluster.resolveResources(ctx, e, cfg)
+	if err != nil {
+		return nil, err
+	}
+	writers, err := censusWriters(ctx, f, cfg, res)
+	if err != nil {
+		return nil, err
+	}
+	c, err := rotation.TakeCensus(ctx, e, res, writers, rotation.CensusOptions{StaleListLimit: f.limit})
+	if err != nil {
+		return nil, err
+	}
+	c.Proof = proof
+	return c, rotation.CheckNotEmpty(ctx, meta, c, res)
+}
+
+// censusWriters is how the apiserver writes each resource: the provider
+// from the EncryptionConfiguration, the key_id from the flags. Without the
+// file, nothing is judged (the key_id alone cannot tell a renamed provider).
+func censusWriters(ctx context.Context, f censusFlags, cfg *rotation.EncryptionConfig, res []rotation.Resource) (rotation.Writers, error) {
+	if cfg == nil {
+		if f.current != "" || f.configPath != "" {
+			return nil, errors.New("--encryption-config is required to judge objects: the key_id alone cannot tell which provider name the apiserver writes under")
+		}
+		return nil, nil
+	}
+	w := rotation.Writers{}
+	for _, r := range res {
+		wr := cfg.WriterFor(r)
+		if wr.Encoding == etcdlayout.EncodingKMSv2 {
+			key, err := currentKeyID(ctx, f)
+			if err != nil {
+				return nil, err
+			}
+			wr.KeyID = key
+		}
+		w[r.Name] = wr
+	}
+	return w, nil
+}
+
+// currentKeyID is --current-key-id, else the primary of --config's provider.
+func currentKeyID(ctx context.Context, f censusFlags) (string, error) {
+	if f.current != "" {
+		return f.current, nil
+	}
+	if f.configPath == "" {
+		return "", errors.New("the apiserver writes through a KMS v2 plugin: give --config (its primary is the current key_id) or --current-key-id")
+	}
+	cfg, err := config.Load(f.configPath)
 	if err != nil {
 		return "", err
 	}
@@ -80,114 +171,68 @@ func primaryFromConfig(ctx context.Context, path string) (string, error) {
 	return p.PrimaryKeyID(ctx)
 }
 
-func censusCommand() *cobra.Command {
-	var (
-		etcd       etcdFlags
-		resources  []string
-		current    string
-		configPath string
-		output     string
-		limit      int
-	)
-	cmd := &cobra.Command{
-		Use:   "census",
-		Short: "Count, read-only from etcd, which key protects every stored object",
-		Long: `census scans etcd page by page (read only) and counts, per resource, the
-objects under each KMS v2 key_id, the unencrypted ones and the undecodable
-ones, and names objects still under a key other than the current one.
-The current key comes from --current-key-id or from the provider named in
---config. Exit code 2 when any object is under another key.`,
-		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if output != "table" && output != "json" {
-				return fmt.Errorf("-o %q: want table or json", output)
-			}
-			if len(etcd.endpoints) == 0 {
-				return errors.New("--etcd-endpoints is required: the census reads etcd directly")
-			}
-			res, err := rotation.ParseResources(resources)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Minute)
-			defer cancel()
-			if current == "" && configPath != "" {
-				if current, err = primaryFromConfig(ctx, configPath); err != nil {
-					return err
-				}
-			}
-			store, closeStore, err := etcd.open()
-			if err != nil {
-				return err
-			}
-			defer closeStore()
-			c, err := rotation.TakeCensus(ctx, store, res, current, rotation.CensusOptions{StaleListLimit: limit})
-			if err != nil {
-				return err
-			}
-			if output == "json" {
-				if err := printJSON(cmd.OutOrStdout(), c); err != nil {
-					return err
-				}
-			} else {
-				printCensus(cmd.OutOrStdout(), c)
-			}
-			if current != "" && c.Stale() > 0 {
-				return &exitError{exitObjectsRemain, fmt.Errorf("%d objects under a key other than %s", c.Stale(), current)}
-			}
-			return nil
-		},
-	}
-	etcd.register(cmd.Flags())
-	cmd.Flags().StringSliceVar(&resources, "resources", []string{"secrets"}, "encrypted resources to count: secrets, configmaps, <resource>.<version>.<group>")
-	cmd.Flags().StringVar(&current, "current-key-id", "", "key_id objects should be under")
-	cmd.Flags().StringVar(&configPath, "config", "", "plugin configuration file; its provider's primary is the current key")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
-	cmd.Flags().IntVar(&limit, "list-limit", rotation.DefaultStaleListLimit, "how many objects under an old key to name per resource")
-	return cmd
-}
-
 // printCensus writes the human form of a census.
 func printCensus(out io.Writer, c *rotation.Census) {
+	fmt.Fprintf(out, "etcd: %s, prefix %s\n", c.Store, c.Prefix)
+	if c.Proof != "" {
+		fmt.Fprintf(out, "proof: %s\n", c.Proof)
+	}
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "RESOURCE\tKEY ID\tOBJECTS\t")
+	fmt.Fprintln(w, "RESOURCE\tSTORED AS\tOBJECTS\t")
 	for _, rc := range c.Resources {
-		for _, k := range slices.Sorted(maps.Keys(rc.ByKeyID)) {
-			mark := ""
-			if c.CurrentKeyID != "" {
-				if k == c.CurrentKeyID {
-					mark = "current"
-				} else {
-					mark = "OLD"
-				}
-			}
-			fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", rc.Resource, k, rc.ByKeyID[k], mark)
-		}
-		for _, x := range []struct {
-			label string
-			n     int
-		}{{"(unencrypted)", rc.Unencrypted}, {"(other encryption)", rc.OtherEncryption}, {"(undecodable)", rc.Undecodable}} {
-			if x.n > 0 {
-				fmt.Fprintf(w, "%s\t%s\t%d\t\n", rc.Resource, x.label, x.n)
-			}
-		}
-		fmt.Fprintf(w, "%s\t(total)\t%d\t\n", rc.Resource, rc.Total)
+		printResourceRows(w, rc)
 	}
 	w.Flush()
-	if c.CurrentKeyID == "" {
-		fmt.Fprintf(out, "\n%d objects; no current key given (--current-key-id or --config), so none judged stale\n", c.Total())
+	printNamed(out, c)
+}
+
+// printResourceRows writes one resource's rows of the census table.
+func printResourceRows(w io.Writer, rc rotation.ResourceCensus) {
+	mark := func(current bool) string {
+		switch {
+		case rc.Writer == nil:
+			return ""
+		case current:
+			return "current"
+		}
+		return "STALE"
+	}
+	for _, s := range rc.ByProvider {
+		fmt.Fprintf(w, "%s\tkms:v2 %s %s\t%d\t%s\n", rc.Resource, s.Provider, s.KeyID, s.Objects, mark(s.Current))
+	}
+	plainCurrent := rc.Writer != nil && rc.Writer.Encoding == etcdlayout.EncodingPlain
+	rows := []struct {
+		label   string
+		n       int
+		current bool
+	}{{"(plaintext)", rc.Plaintext, plainCurrent}, {"(other encryption)", rc.Other, false}, {"(undecodable)", rc.Undecodable, false}}
+	for _, x := range rows {
+		if x.n > 0 {
+			fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", rc.Resource, x.label, x.n, mark(x.current))
+		}
+	}
+	fmt.Fprintf(w, "%s\t(total)\t%d\t\n", rc.Resource, rc.Total)
+}
+
+// printNamed writes the verdict and the objects a census names.
+func printNamed(out io.Writer, c *rotation.Census) {
+	judged := false
+	for _, rc := range c.Resources {
+		judged = judged || rc.Writer != nil
+	}
+	if !judged {
+		fmt.Fprintf(out, "\n%d objects; no --encryption-config given, so none judged\n", c.Total())
 		return
 	}
-	fmt.Fprintf(out, "\n%d of %d objects under a key other than %s\n", c.Stale(), c.Total(), c.CurrentKeyID)
+	fmt.Fprintf(out, "\n%d of %d objects not stored as the apiserver writes now\n", c.NotCurrent(), c.Total())
 	for _, rc := range c.Resources {
-		for _, o := range rc.StaleObjects {
-			name := o.Name
-			if o.Namespace != "" {
-				name = o.Namespace + "/" + name
-			}
-			fmt.Fprintf(out, "  %s %s under %s\n", rc.Resource, name, o.KeyID)
+		if rc.Writer != nil {
+			fmt.Fprintf(out, "  %s: the apiserver writes %s\n", rc.Resource, rc.Writer)
 		}
-		if more := rc.Stale - len(rc.StaleObjects); more > 0 && len(rc.StaleObjects) > 0 {
+		for _, o := range append(rc.StaleObjects, rc.UndecodableObjects...) {
+			fmt.Fprintf(out, "  %s %s: %s\n", rc.Resource, strings.TrimPrefix(o.Namespace+"/"+o.Name, "/"), o.Stored)
+		}
+		if more := rc.Stale + rc.Undecodable - len(rc.StaleObjects) - len(rc.UndecodableObjects); more > 0 {
 			fmt.Fprintf(out, "  ... and %d more %s\n", more, rc.Resource)
 		}
 	}

@@ -1,0 +1,66 @@
+package rotation
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/kms-v2/kms-plugin/providers"
+)
+
+// retire disables every enabled version older than the primary, but only
+// after a scan of everything under the prefix (not only the rotated
+// resources) shows no object references it and no value is undecodable.
+func (r *runner) retire(ctx context.Context, current string) error {
+	r.begin(PhaseRetire)
+	defer r.end()
+	if r.rep.Remaining != 0 {
+		return r.refuse(fmt.Sprintf("%d objects not stored as the apiserver writes now", r.rep.Remaining))
+	}
+	versions, err := r.Rotator.Versions(ctx)
+	if err != nil {
+		return fmt.Errorf("retire: %w", err)
+	}
+	old := olderEnabled(versions, current)
+	if len(old) == 0 {
+		r.say("retire: no enabled version older than the primary")
+		return nil
+	}
+	refs, err := KeyReferences(ctx, r.Etcd, old, 0)
+	if err != nil {
+		return fmt.Errorf("retire: %w", err)
+	}
+	r.rep.References = refs
+	if used := usedKeys(refs); len(used) > 0 {
+		return r.refuse("etcd still references old keys or holds undecodable values (" + strings.Join(used, ", ") + ")")
+	}
+	for _, k := range old {
+		if err := r.Rotator.Disable(ctx, k); err != nil {
+			return fmt.Errorf("retire %s: %w", k, err)
+		}
+		r.rep.Retired = append(r.rep.Retired, k)
+		r.say("retire: disabled %s (no object in etcd uses it)", k)
+	}
+	return nil
+}
+
+func (r *runner) refuse(why string) error {
+	r.rep.RetireRefused = why
+	r.say("retire: refused: %s", why)
+	return fmt.Errorf("%s: %w", why, ErrRetireRefused)
+}
+
+// olderEnabled lists the enabled versions older than current; versions
+// are oldest first, and newer pending ones stay.
+func olderEnabled(versions []providers.KeyVersion, current string) []string {
+	var old []string
+	for _, v := range versions {
+		if v.KeyID == current {
+			break
+		}
+		if v.State == providers.StateEnabled {
+			old = append(old, v.KeyID)
+		}
+	}
+	return old
+}
