@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
@@ -20,6 +21,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // kmsValue is what kube-apiserver stores for an object under keyID.
@@ -29,7 +31,7 @@ func kmsValue(t testing.TB, keyID string) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return append([]byte(KMSv2Prefix+"test:"), b...)
+	return append([]byte(etcdlayout.KMSv2Prefix+"test:"), b...)
 }
 
 // fakeEtcd is an in-memory Store with etcd's revision semantics, shared
@@ -37,21 +39,26 @@ func kmsValue(t testing.TB, keyID string) []byte {
 type fakeEtcd struct {
 	mu     sync.Mutex
 	rev    int64
-	kvs    map[string]KeyValue
+	kvs    map[string]etcdlayout.KeyValue
 	ranges int
 }
 
-func newFakeEtcd() *fakeEtcd { return &fakeEtcd{rev: 1, kvs: map[string]KeyValue{}} }
+func (e *fakeEtcd) Describe() string { return "fake etcd" }
+
+// etcd is the fake as the orchestrator reads it, under the default prefix.
+func (e *fakeEtcd) etcd() Etcd { return Etcd{Store: e, Layout: etcdlayout.Default()} }
+
+func newFakeEtcd() *fakeEtcd { return &fakeEtcd{rev: 1, kvs: map[string]etcdlayout.KeyValue{}} }
 
 func (e *fakeEtcd) put(key string, value []byte) int64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.rev++
-	e.kvs[key] = KeyValue{Key: key, Value: value, ModRevision: e.rev}
+	e.kvs[key] = etcdlayout.KeyValue{Key: key, Value: value, ModRevision: e.rev}
 	return e.rev
 }
 
-func (e *fakeEtcd) Range(_ context.Context, from, end string, limit int64) ([]KeyValue, error) {
+func (e *fakeEtcd) Range(_ context.Context, from, end string, limit int64) ([]etcdlayout.KeyValue, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.ranges++
@@ -65,7 +72,7 @@ func (e *fakeEtcd) Range(_ context.Context, from, end string, limit int64) ([]Ke
 	if int64(len(keys)) > limit {
 		keys = keys[:limit]
 	}
-	out := make([]KeyValue, len(keys))
+	out := make([]etcdlayout.KeyValue, len(keys))
 	for i, k := range keys {
 		out[i] = e.kvs[k]
 	}
@@ -85,7 +92,9 @@ type fakeAPIServer struct {
 	onPatch func(key string) (int, string)
 	patches int
 	lists   int
-	srv     *httptest.Server
+	// canaryStore, when set, is where canaries are written instead of etcd.
+	canaryStore *fakeEtcd
+	srv         *httptest.Server
 }
 
 func newFakeAPIServer(t testing.TB, e *fakeEtcd, current string) *fakeAPIServer {
@@ -122,6 +131,12 @@ func writeStatus(w http.ResponseWriter, code int, reason metav1.StatusReason) {
 func (f *fakeAPIServer) serve(w http.ResponseWriter, r *http.Request) {
 	parts := strings.Split(strings.Trim(r.URL.Path, "/"), "/")
 	switch {
+	case r.URL.Path == "/metrics" || strings.HasPrefix(r.URL.Path, "/readyz"):
+		w.WriteHeader(http.StatusOK) // no key_id metric: only canaries tell
+	case len(parts) == 6 && parts[3] == "kube-system" && strings.HasPrefix(parts[5], "kmsctl-canary-"):
+		f.canary(w, r, parts[4], parts[5])
+	case r.Method == http.MethodPost && len(parts) == 5 && parts[3] == "kube-system":
+		f.canary(w, r, parts[4], "")
 	case r.Method == http.MethodGet && len(parts) == 3: // api/v1/<resource>
 		f.list(w, r, parts[2])
 	case r.Method == http.MethodPatch && len(parts) == 6: // api/v1/namespaces/<ns>/<resource>/<name>
@@ -144,14 +159,14 @@ func (f *fakeAPIServer) list(w http.ResponseWriter, r *http.Request, resource st
 	if c := r.URL.Query().Get("continue"); c != "" {
 		from = c
 	}
-	page, _ := f.etcd.Range(r.Context(), from, prefixEnd(prefix), limit+1)
+	page, _ := f.etcd.Range(r.Context(), from, clientv3.GetPrefixRangeEnd(prefix), limit+1)
 	list := metav1.PartialObjectMetadataList{TypeMeta: metav1.TypeMeta{Kind: "PartialObjectMetadataList", APIVersion: "meta.k8s.io/v1"}}
 	for i, kv := range page {
 		if int64(i) == limit {
 			list.Continue = kv.Key
 			break
 		}
-		k, _ := ParseObjectKey(kv.Key, resource)
+		k, _ := etcdlayout.Default().ParseKey(kv.Key, resource)
 		list.Items = append(list.Items, metav1.PartialObjectMetadata{
 			TypeMeta:   metav1.TypeMeta{Kind: "PartialObjectMetadata", APIVersion: "meta.k8s.io/v1"},
 			ObjectMeta: metav1.ObjectMeta{Namespace: k.Namespace, Name: k.Name, ResourceVersion: strconv.FormatInt(kv.ModRevision, 10)},
@@ -196,7 +211,7 @@ func (f *fakeAPIServer) patch(w http.ResponseWriter, r *http.Request, key string
 		return
 	}
 	rev := kv.ModRevision
-	if sv := DecodeStoredValue(kv.Value); sv.Encoding != EncodingKMSv2 || sv.KeyID != current {
+	if !etcdlayout.KMSv2Writer("test", current).Current(etcdlayout.Decode(kv.Value)) {
 		rev = f.etcd.put(key, kmsValueRaw(current))
 	}
 	parts := strings.Split(key, "/")
@@ -207,9 +222,51 @@ func (f *fakeAPIServer) patch(w http.ResponseWriter, r *http.Request, key string
 	})
 }
 
+// canary serves kmsctl's canaries in kube-system: GET, create (POST) and
+// update (PUT), stored in the fake etcd under the current key as the
+// apiserver would.
+func (f *fakeAPIServer) canary(w http.ResponseWriter, r *http.Request, resource, name string) {
+	var obj map[string]any
+	if r.Method == http.MethodPost || r.Method == http.MethodPut {
+		if err := json.NewDecoder(r.Body).Decode(&obj); err != nil {
+			writeStatus(w, http.StatusBadRequest, metav1.StatusReasonBadRequest)
+			return
+		}
+		name = obj["metadata"].(map[string]any)["name"].(string)
+	}
+	key := "/registry/" + resource + "/kube-system/" + name
+	f.mu.Lock()
+	current, store := f.current, f.etcd
+	if f.canaryStore != nil {
+		store = f.canaryStore
+	}
+	f.mu.Unlock()
+	store.mu.Lock()
+	kv, exists := store.kvs[key]
+	store.mu.Unlock()
+	switch {
+	case r.Method == http.MethodGet && !exists:
+		writeStatus(w, http.StatusNotFound, metav1.StatusReasonNotFound)
+		return
+	case r.Method == http.MethodGet:
+		obj = map[string]any{"apiVersion": "v1", "kind": "Secret", "metadata": map[string]any{"name": name, "namespace": "kube-system", "resourceVersion": strconv.FormatInt(kv.ModRevision, 10)}}
+	case r.Method == http.MethodDelete:
+		store.mu.Lock()
+		delete(store.kvs, key)
+		store.mu.Unlock()
+		writeStatus(w, http.StatusOK, "")
+		return
+	default:
+		rev := store.put(key, kmsValueRaw(current))
+		obj["metadata"].(map[string]any)["resourceVersion"] = strconv.FormatInt(rev, 10)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(obj)
+}
+
 func kmsValueRaw(keyID string) []byte {
 	b, _ := proto.Marshal(&kmstypes.EncryptedObject{KeyID: keyID, EncryptedDEKSource: []byte("dek"), EncryptedData: []byte("data")})
-	return append([]byte(KMSv2Prefix+"test:"), b...)
+	return append([]byte(etcdlayout.KMSv2Prefix+"test:"), b...)
 }
 
 // fakeRotator is an in-memory providers.Rotator following the contract's

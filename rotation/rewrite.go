@@ -391,12 +391,13 @@ func (w *Rewriter) retry(ctx context.Context, op func() error) error {
 	backoff := wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.2, Steps: attempts, Cap: 5 * time.Second}
 	var err error
 	tries := 0
-	// Until runs op at once, then after each pause; it returns ctx's error
-	// when ctx ends during a pause, but op's last error is the answer.
+	// Until runs op at once, then after each pause, and stops as soon as
+	// ctx is done (during op or a pause) with ctx's error; op's last error
+	// is the answer.
 	_ = backoff.DelayFunc().Until(ctx, true, true, func(ctx context.Context) (bool, error) {
 		err = op()
 		tries++
-		return err == nil || permanent(err) || ctx.Err() != nil || tries >= attempts, nil
+		return err == nil || permanent(err) || tries >= attempts, nil
 	})
 	return err
 }

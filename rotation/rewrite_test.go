@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 )
@@ -21,7 +22,7 @@ func seed(t testing.TB, e *fakeEtcd, resource, keyID string, n int) {
 	}
 }
 
-func newRewriter(t testing.TB, a *fakeAPIServer) *Rewriter {
+func newTestRewriter(t testing.TB, a *fakeAPIServer) *Rewriter {
 	l := NewLimiter(LimiterConfig{Max: 8})
 	return &Rewriter{Client: a.metadata(t, l), Limiter: l, Workers: 8, PageSize: 7, Attempts: 3}
 }
@@ -78,7 +79,7 @@ func TestRewriteListed(t *testing.T) {
 			}
 			a := newFakeAPIServer(t, e, "file:k/2")
 			a.onPatch = tt.onPatch
-			st, err := newRewriter(t, a).RewriteListed(context.Background(), mustResource(t, "secrets"))
+			st, err := newTestRewriter(t, a).RewriteListed(context.Background(), mustResource(t, "secrets"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -109,7 +110,7 @@ func TestRewriteRetriesThrottledPatches(t *testing.T) {
 		}
 		return 0, ""
 	}
-	w := newRewriter(t, a)
+	w := newTestRewriter(t, a)
 	st, err := w.RewriteListed(context.Background(), mustResource(t, "secrets"))
 	if err != nil {
 		t.Fatal(err)
@@ -128,7 +129,7 @@ func TestRewriteStalePatchesOnlyStale(t *testing.T) {
 	e.put("/registry/secrets/ns1/old-a", kmsValue(t, "file:k/1"))
 	e.put("/registry/secrets/ns2/old-b", kmsValue(t, "file:k/1"))
 	a := newFakeAPIServer(t, e, "file:k/2")
-	st, err := newRewriter(t, a).RewriteStale(context.Background(), mustResource(t, "secrets"), e, "file:k/2")
+	st, err := newTestRewriter(t, a).RewriteStale(context.Background(), mustResource(t, "secrets"), e.etcd(), etcdlayout.KMSv2Writer("test", "file:k/2"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,7 +161,7 @@ func TestRewriteBoundsConcurrency(t *testing.T) {
 		inFlight.Add(-1)
 		return 0, ""
 	}
-	w := newRewriter(t, a)
+	w := newTestRewriter(t, a)
 	w.Limiter = NewLimiter(LimiterConfig{Max: 3})
 	w.Workers = 16
 	if _, err := w.RewriteListed(context.Background(), mustResource(t, "secrets")); err != nil {
@@ -234,7 +235,7 @@ func TestRewriteProbes(t *testing.T) {
 				inFlight.Add(-1)
 				return 0, ""
 			}
-			w := newRewriter(t, a)
+			w := newTestRewriter(t, a)
 			w.Limiter = NewLimiter(LimiterConfig{Max: 8, Initial: 1, Tolerance: tt.tolerance})
 			var probes atomic.Int64
 			w.Probe = func(context.Context) error { return tt.probe(probes.Add(1)) }

@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // cluster is the fake world a Run sees: etcd, one apiserver that follows the
@@ -41,8 +42,12 @@ func newCluster(t *testing.T, primaryAge time.Duration, secrets, configmaps int)
 
 func (c *cluster) rotation(t *testing.T) *Rotation {
 	l := NewLimiter(LimiterConfig{Max: 8})
+	planner, err := NewAPIServer(&rest.Config{Host: c.api.srv.URL}, c.api.srv.URL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return &Rotation{
-		Rotator: c.rot, Kube: c.kube, Store: c.etcd,
+		Rotator: c.rot, Kube: c.kube, Meta: c.api.metadata(t, nil), Etcd: c.etcd.etcd(), Planner: planner,
 		Rewriter: &Rewriter{Client: c.api.metadata(t, l), Limiter: l, Workers: 8, PageSize: 10, Attempts: 2},
 	}
 }
@@ -52,7 +57,11 @@ func (c *cluster) census(t *testing.T, current string, names ...string) *Census 
 	for _, n := range names {
 		rs = append(rs, mustResource(t, n))
 	}
-	cs, err := TakeCensus(context.Background(), c.etcd, rs, current, CensusOptions{})
+	w := Writers{}
+	for _, r := range rs {
+		w[r.Name] = etcdlayout.KMSv2Writer("test", current)
+	}
+	cs, err := TakeCensus(context.Background(), c.etcd.etcd(), rs, w, CensusOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +73,7 @@ func opts(t *testing.T, names ...string) Options {
 	for _, n := range names {
 		rs = append(rs, mustResource(t, n))
 	}
-	return Options{Resources: rs, Identity: "test-" + t.Name(), MaxPasses: 3}
+	return Options{Resources: rs, Lock: LockOptions{Holder: Holder{Host: "test-" + t.Name()}}, MaxPasses: 3}
 }
 
 func TestRunForcedRotationRetiresOldKey(t *testing.T) {
@@ -120,7 +129,7 @@ func TestRunChangesNothing(t *testing.T) {
 		name       string
 		primaryAge time.Duration
 		change     func(*Options)
-		wantAction string
+		wantAction Action
 	}{
 		{name: "young primary", primaryAge: time.Hour, change: func(o *Options) { o.IfOlderThan = 720 * time.Hour; o.Retire = true }, wantAction: "skipped"},
 		{name: "dry run of a forced rotation", primaryAge: time.Hour, change: func(o *Options) { o.Force, o.DryRun = true, true }, wantAction: "dry run"},
@@ -129,7 +138,7 @@ func TestRunChangesNothing(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := newCluster(t, tt.primaryAge, 10, 0)
-			rev := c.etcd.rev
+			revs := objectRevisions(c.etcd)
 			o := opts(t, "secrets")
 			tt.change(&o)
 			rep, err := c.rotation(t).Run(context.Background(), o)
@@ -139,8 +148,8 @@ func TestRunChangesNothing(t *testing.T) {
 			if got, want := rep.Action, tt.wantAction; got != want {
 				t.Errorf("action: got %q, want %q", got, want)
 			}
-			if got, want := c.etcd.rev, rev; got != want {
-				t.Errorf("etcd revision: got %d, want %d (nothing written)", got, want)
+			if got, want := fmt.Sprint(objectRevisions(c.etcd)), fmt.Sprint(revs); got != want {
+				t.Errorf("objects' revisions: got %s, want %s (nothing but canaries written)", got, want)
 			}
 			if got, want := c.rot.created, 0; got != want {
 				t.Errorf("versions created: got %d, want %d", got, want)
@@ -236,7 +245,7 @@ func setLeaseTarget(t *testing.T, c *cluster, keyID string) {
 
 func TestRunRefusesWhileAnotherRunHoldsTheLease(t *testing.T) {
 	c := newCluster(t, time.Hour, 5, 0)
-	if _, err := AcquireLock(context.Background(), c.kube, DefaultLeaseNamespace, DefaultLeaseName, "other", time.Minute); err != nil {
+	if _, err := Acquire(context.Background(), c.kube, LockOptions{Holder: Holder{Host: "other"}, Duration: time.Minute}); err != nil {
 		t.Fatal(err)
 	}
 	o := opts(t, "secrets")
@@ -273,6 +282,20 @@ func TestRunReportsObjectsLeftBehind(t *testing.T) {
 	if got, want := c.rot.state("file:k/1"), providers.StateEnabled; got != want {
 		t.Errorf("old key: got %s, want %s", got, want)
 	}
+}
+
+// objectRevisions maps every key outside kube-system (where kmsctl writes
+// its canaries) to its mod revision.
+func objectRevisions(e *fakeEtcd) map[string]int64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := map[string]int64{}
+	for k, kv := range e.kvs {
+		if !strings.Contains(k, "/kube-system/") {
+			out[k] = kv.ModRevision
+		}
+	}
+	return out
 }
 
 func TestLatestKeyIDHashes(t *testing.T) {
@@ -325,14 +348,14 @@ func TestConfirmWaitsForTheSwitch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := a.Confirm(context.Background(), nil, "file:k/2", 10*time.Millisecond, 5*time.Second)
+	got := a.Confirm(context.Background(), Etcd{}, etcdlayout.KMSv2Writer("p", "file:k/2"), Resource{}, 10*time.Millisecond, 5*time.Second)
 	if !got.Switched {
 		t.Fatalf("not switched: %s", got.Error)
 	}
 	if got, want := got.Attempts, 3; got != want {
 		t.Errorf("attempts: got %d, want %d", got, want)
 	}
-	if never := a.Confirm(context.Background(), nil, "file:k/3", 10*time.Millisecond, 100*time.Millisecond); never.Switched {
+	if never := a.Confirm(context.Background(), Etcd{}, etcdlayout.KMSv2Writer("p", "file:k/3"), Resource{}, 10*time.Millisecond, 100*time.Millisecond); never.Switched {
 		t.Errorf("switched to a key the apiserver never reported")
 	}
 }
@@ -361,5 +384,76 @@ func TestDiscoverAPIServers(t *testing.T) {
 	}
 	if want := []string{"https://10.0.0.1:6443", "https://10.0.0.2:6443"}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("got %v, want %v (not ready endpoints left out)", got, want)
+	}
+}
+
+func TestRunAdoptsStaleEncodingsWithoutForce(t *testing.T) {
+	c := newCluster(t, time.Hour, 0, 0)
+	c.etcd.put("/registry/secrets/ns/plain", []byte("k8s\x00plain"))
+	c.etcd.put("/registry/secrets/ns/aescbc", []byte("k8s:enc:aescbc:v1:key1:xx"))
+	c.etcd.put("/registry/secrets/ns/renamed", kmsValueNamed(t, "old-name", "file:k/1"))
+	c.etcd.put("/registry/secrets/ns/current", kmsValue(t, "file:k/1"))
+	o := opts(t, "secrets")
+	o.Retire = true
+	rep, err := c.rotation(t).Run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := rep.Action, ActionFinished; got != want {
+		t.Errorf("action: got %q, want %q", got, want)
+	}
+	if got, want := c.rot.created, 0; got != want {
+		t.Errorf("versions created: got %d, want %d (adoption needs no new key)", got, want)
+	}
+	rc := c.census(t, "file:k/1", "secrets").Resources[0]
+	if got, want := rc.Objects("test", "file:k/1"), 4; got != want || rc.Stale != 0 {
+		t.Errorf("under the current provider: got %d (stale %d), want %d (census %+v)", got, rc.Stale, want, rc)
+	}
+	if got, want := rep.Rewrite["secrets"].Rewritten, int64(3); got != want {
+		t.Errorf("rewritten: got %d, want %d", got, want)
+	}
+}
+
+func TestRunRefusesTheWrongEtcd(t *testing.T) {
+	c := newCluster(t, time.Hour, 30, 0)
+	rot := c.rotation(t)
+	other := newFakeEtcd() // another cluster's etcd: the apiserver never writes here
+	for i := range 5 {
+		other.put(fmt.Sprintf("/registry/configmaps/x/%d", i), kmsValue(t, "file:k/1"))
+	}
+	rot.Etcd = other.etcd()
+	o := opts(t, "secrets")
+	o.Force, o.Retire = true, true
+	_, err := rot.Run(context.Background(), o)
+	if !errors.Is(err, ErrWrongEtcd) {
+		t.Fatalf("err: got %v, want ErrWrongEtcd", err)
+	}
+	if !strings.Contains(err.Error(), "fake etcd") || !strings.Contains(err.Error(), "/registry") {
+		t.Errorf("error %q does not name the etcd and the prefix", err)
+	}
+	if got, want := c.rot.created, 0; got != want {
+		t.Errorf("versions created: got %d, want %d", got, want)
+	}
+	if got, want := c.rot.state("file:k/1"), providers.StatePrimary; got != want {
+		t.Errorf("old key: got %s, want %s", got, want)
+	}
+}
+
+func TestRunRefusesAnEmptyScanOfAListedResource(t *testing.T) {
+	c := newCluster(t, time.Hour, 30, 0)
+	rot := c.rotation(t)
+	// The apiserver lists secrets, but the etcd read holds none under the
+	// prefix: only the canary, as if objects lived in another etcd.
+	empty := newFakeEtcd()
+	c.api.canaryStore = empty
+	rot.Etcd = empty.etcd()
+	o := opts(t, "secrets")
+	o.Force = true
+	_, err := rot.Run(context.Background(), o)
+	if !errors.Is(err, ErrWrongEtcd) || !strings.Contains(err.Error(), "lists some") {
+		t.Fatalf("err: got %v, want ErrWrongEtcd for an empty scan of a listed resource", err)
+	}
+	if got, want := c.rot.created, 0; got != want {
+		t.Errorf("versions created: got %d, want %d", got, want)
 	}
 }
