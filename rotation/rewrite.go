@@ -46,6 +46,8 @@ type RewriteStats struct {
 	// FirstErrors holds a few of the error messages.
 	FirstErrors []string `json:"firstErrors,omitempty"`
 	Duration    Duration `json:"duration"`
+	// DurationSeconds is Duration in seconds.
+	DurationSeconds float64 `json:"durationSeconds"`
 }
 
 func (s *RewriteStats) add(o RewriteStats) {
@@ -56,6 +58,7 @@ func (s *RewriteStats) add(o RewriteStats) {
 	s.Skipped += o.Skipped
 	s.Errors += o.Errors
 	s.Duration += o.Duration
+	s.DurationSeconds = s.Duration.Seconds()
 	for _, e := range o.FirstErrors {
 		if len(s.FirstErrors) < maxErrorSamples {
 			s.FirstErrors = append(s.FirstErrors, e)
@@ -216,60 +219,88 @@ func (w *Rewriter) run(ctx context.Context, r Resource, produce func(context.Con
 	}
 	targets := make(chan target, workers)
 	var (
-		visited, rewritten, unchanged, conflicts, skipped, errs atomic.Int64
-		mu                                                      sync.Mutex
-		samples                                                 []string
-		wg                                                      sync.WaitGroup
+		tally tally
+		wg    sync.WaitGroup
 	)
 	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for t := range targets {
-				visited.Add(1)
-				outcome, err := w.patch(ctx, r, t)
-				switch outcome {
-				case outcomeRewritten:
-					rewritten.Add(1)
-				case outcomeUnchanged:
-					unchanged.Add(1)
-				case outcomeConflict:
-					conflicts.Add(1)
-				case outcomeSkipped:
-					skipped.Add(1)
-				case outcomeError:
-					if ctx.Err() != nil {
-						continue
-					}
-					errs.Add(1)
-					w.logger().Warn("rewrite failed", "resource", r.Name, "namespace", t.namespace, "name", t.name, "error", err)
-					mu.Lock()
-					if len(samples) < maxErrorSamples {
-						samples = append(samples, fmt.Sprintf("%s/%s: %v", t.namespace, t.name, err))
-					}
-					mu.Unlock()
-				}
-				if w.Metrics != nil {
-					w.Metrics.objects.WithLabelValues(r.Name, string(outcome)).Inc()
-				}
-				if w.Progress != nil {
-					w.Progress.Done(1)
-				}
-			}
+			w.work(ctx, r, targets, &tally)
 		}()
 	}
 	perr := produce(ctx, targets)
 	close(targets)
 	wg.Wait()
-	stats := RewriteStats{
-		Resource: r.Name, Visited: visited.Load(), Rewritten: rewritten.Load(), Unchanged: unchanged.Load(),
-		Conflicts: conflicts.Load(), Skipped: skipped.Load(), Errors: errs.Load(), FirstErrors: samples,
-		Duration: Duration(time.Since(start)),
-	}
+	stats := tally.stats(r.Name, time.Since(start))
 	if perr == nil {
 		perr = ctx.Err()
 	}
 	return stats, perr
+}
+
+// tally counts the outcomes of one pass across its workers.
+type tally struct {
+	visited, rewritten, unchanged, conflicts, skipped, errs atomic.Int64
+	mu                                                      sync.Mutex
+	samples                                                 []string
+}
+
+func (t *tally) count(o outcome) {
+	switch o {
+	case outcomeRewritten:
+		t.rewritten.Add(1)
+	case outcomeUnchanged:
+		t.unchanged.Add(1)
+	case outcomeConflict:
+		t.conflicts.Add(1)
+	case outcomeSkipped:
+		t.skipped.Add(1)
+	case outcomeError:
+		t.errs.Add(1)
+	}
+}
+
+func (t *tally) sample(msg string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.samples) < maxErrorSamples {
+		t.samples = append(t.samples, msg)
+	}
+}
+
+func (t *tally) stats(resource string, took time.Duration) RewriteStats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return RewriteStats{
+		Resource: resource, Visited: t.visited.Load(), Rewritten: t.rewritten.Load(), Unchanged: t.unchanged.Load(),
+		Conflicts: t.conflicts.Load(), Skipped: t.skipped.Load(), Errors: t.errs.Load(), FirstErrors: t.samples,
+		Duration: Duration(took), DurationSeconds: Duration(took).Seconds(),
+	}
+}
+
+// work is one worker: it patches targets until the channel closes. An
+// error after the run was cancelled is not the object's fault and is not
+// counted.
+func (w *Rewriter) work(ctx context.Context, r Resource, targets <-chan target, t *tally) {
+	for tg := range targets {
+		t.visited.Add(1)
+		outcome, err := w.patch(ctx, r, tg)
+		if outcome == outcomeError && ctx.Err() != nil {
+			continue
+		}
+		t.count(outcome)
+		if outcome == outcomeError {
+			w.logger().Warn("rewrite failed", "resource", r.Name, "namespace", tg.namespace, "name", tg.name, "error", err)
+			t.sample(fmt.Sprintf("%s/%s: %v", tg.namespace, tg.name, err))
+		}
+		if w.Metrics != nil {
+			w.Metrics.objects.WithLabelValues(r.Name, string(outcome)).Inc()
+		}
+		if w.Progress != nil {
+			w.Progress.Done(1)
+		}
+	}
 }
 
 // probeBaseline returns the median latency of probes sent one after the

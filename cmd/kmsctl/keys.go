@@ -16,39 +16,79 @@ import (
 	"github.com/kms-v2/kms-plugin/providers"
 )
 
+// keysConfig is the --config flag every `kmsctl keys` subcommand shares.
+type keysConfig struct{ path string }
+
+func (k *keysConfig) load() (*config.Config, error) {
+	if k.path == "" {
+		return nil, errors.New("--config is required: the plugin configuration file")
+	}
+	return config.Load(k.path)
+}
+
+func cliLogger() hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{Name: "kmsctl", Level: hclog.Warn, Output: os.Stderr})
+}
+
+// withRotator opens the provider for one lifecycle operation, with a
+// deadline so a provider that does not answer cannot hang the command.
+func (k *keysConfig) withRotator(fn func(context.Context, providers.Rotator) error) error {
+	cfg, err := k.load()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	p, r, err := backends.OpenRotator(ctx, cfg.Provider, cliLogger())
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	return fn(ctx, r)
+}
+
 func keysCommand() *cobra.Command {
-	var configPath string
+	k := &keysConfig{}
 	cmd := &cobra.Command{
 		Use:   "keys",
 		Short: "List and manage key versions (init, list, create, promote, disable, enable)",
 	}
-	cmd.PersistentFlags().StringVar(&configPath, "config", "", "plugin configuration file (YAML)")
+	cmd.PersistentFlags().StringVar(&k.path, "config", "", "plugin configuration file (YAML)")
+	cmd.AddCommand(
+		keysInitCommand(k),
+		keysListCommand(k),
+		keysCreateCommand(k),
+		lifecycle("promote", "Make an enabled version the primary (plugins follow within their refresh interval)",
+			func(ctx context.Context, r providers.Rotator, id string) error { return r.Promote(ctx, id) }, k.withRotator),
+		lifecycle("disable", "Stop a non-primary version from decrypting (check `kmsctl census` first)",
+			func(ctx context.Context, r providers.Rotator, id string) error { return r.Disable(ctx, id) }, k.withRotator),
+		lifecycle("enable", "Let a disabled version decrypt again",
+			func(ctx context.Context, r providers.Rotator, id string) error { return r.Enable(ctx, id) }, k.withRotator),
+	)
+	return cmd
+}
 
-	load := func() (*config.Config, error) {
-		if configPath == "" {
-			return nil, errors.New("--config is required: the plugin configuration file")
-		}
-		return config.Load(configPath)
+func keysInitCommand(k *keysConfig) *cobra.Command {
+	return &cobra.Command{
+		Use:   "init",
+		Short: "Create the first key version (refuses if one exists)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := k.load()
+			if err != nil {
+				return err
+			}
+			v, err := backends.Init(context.Background(), cfg.Provider, cliLogger())
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), v.KeyID)
+			return nil
+		},
 	}
-	cliLogger := func() hclog.Logger {
-		return hclog.New(&hclog.LoggerOptions{Name: "kmsctl", Level: hclog.Warn, Output: os.Stderr})
-	}
-	// withRotator opens the provider for one lifecycle operation.
-	withRotator := func(fn func(context.Context, providers.Rotator) error) error {
-		cfg, err := load()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		p, r, err := backends.OpenRotator(ctx, cfg.Provider, cliLogger())
-		if err != nil {
-			return err
-		}
-		defer p.Close()
-		return fn(ctx, r)
-	}
+}
 
+func keysListCommand(k *keysConfig) *cobra.Command {
 	var output string
 	list := &cobra.Command{
 		Use:   "list",
@@ -58,7 +98,7 @@ func keysCommand() *cobra.Command {
 			if output != "" && output != "json" && output != "table" {
 				return fmt.Errorf("-o %q: want json or table", output)
 			}
-			return withRotator(func(ctx context.Context, r providers.Rotator) error {
+			return k.withRotator(func(ctx context.Context, r providers.Rotator) error {
 				vs, err := r.Versions(ctx)
 				if err != nil {
 					return err
@@ -68,49 +108,25 @@ func keysCommand() *cobra.Command {
 		},
 	}
 	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	return list
+}
 
-	cmd.AddCommand(
-		&cobra.Command{
-			Use:   "init",
-			Short: "Create the first key version (refuses if one exists)",
-			Args:  cobra.NoArgs,
-			RunE: func(cmd *cobra.Command, _ []string) error {
-				cfg, err := load()
-				if err != nil {
-					return err
-				}
-				v, err := backends.Init(context.Background(), cfg.Provider, cliLogger())
+func keysCreateCommand(k *keysConfig) *cobra.Command {
+	return &cobra.Command{
+		Use:   "create",
+		Short: "Add a key version, enabled but not primary; prints its key_id",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return k.withRotator(func(ctx context.Context, r providers.Rotator) error {
+				v, err := r.CreateVersion(ctx)
 				if err != nil {
 					return err
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), v.KeyID)
 				return nil
-			},
+			})
 		},
-		list,
-		&cobra.Command{
-			Use:   "create",
-			Short: "Add a key version, enabled but not primary; prints its key_id",
-			Args:  cobra.NoArgs,
-			RunE: func(cmd *cobra.Command, _ []string) error {
-				return withRotator(func(ctx context.Context, r providers.Rotator) error {
-					v, err := r.CreateVersion(ctx)
-					if err != nil {
-						return err
-					}
-					fmt.Fprintln(cmd.OutOrStdout(), v.KeyID)
-					return nil
-				})
-			},
-		},
-		lifecycle("promote", "Make an enabled version the primary (plugins follow within their refresh interval)",
-			func(ctx context.Context, r providers.Rotator, id string) error { return r.Promote(ctx, id) }, withRotator),
-		lifecycle("disable", "Stop a non-primary version from decrypting (check `kmsctl census` first)",
-			func(ctx context.Context, r providers.Rotator, id string) error { return r.Disable(ctx, id) }, withRotator),
-		lifecycle("enable", "Let a disabled version decrypt again",
-			func(ctx context.Context, r providers.Rotator, id string) error { return r.Enable(ctx, id) }, withRotator),
-	)
-	return cmd
+	}
 }
 
 // lifecycle builds a `kmsctl keys VERB KEYID` command.
