@@ -22,6 +22,7 @@ import (
 
 	"github.com/kms-v2/kms-plugin/plugin"
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // Server is a running plugin on a temporary socket.
@@ -161,7 +162,7 @@ func Contract(t *testing.T, p providers.Provider) {
 		t.Fatalf("Encrypt stamped key_id %q, Status reports %q", tr.KeyID, st.KeyID)
 	}
 	secret := []byte("top-secret-value-" + rand.Text())
-	dataCtx := value.DefaultContext("/registry/secrets/default/contract")
+	dataCtx := value.DefaultContext(etcdlayout.Default().Key("secrets", "default", "contract"))
 	stored, err := tr.TransformToStorage(ctx, secret, dataCtx)
 	if err != nil {
 		t.Fatalf("TransformToStorage: %v", err)
@@ -180,7 +181,7 @@ func Contract(t *testing.T, p providers.Provider) {
 		t.Fatal("object written under the current key reads as stale")
 	}
 	// Another object's authenticated data must not open this one.
-	if _, _, err := FreshReader(svc, st.KeyID).TransformFromStorage(ctx, stored, value.DefaultContext("/registry/secrets/default/other")); err == nil {
+	if _, _, err := FreshReader(svc, st.KeyID).TransformFromStorage(ctx, stored, value.DefaultContext(etcdlayout.Default().Key("secrets", "default", "other"))); err == nil {
 		t.Fatal("object read under another etcd key")
 	}
 
