@@ -76,73 +76,6 @@ func setHolder(l *unstructured.Unstructured, identity string, d time.Duration, n
 	_ = unstructured.SetNestedField(l.Object, ts, "spec", "renewTime")
 }
 
-// liveHolder returns the holder of l and when its lease expires, if some
-// holder has renewed it.
-func liveHolder(l *unstructured.Unstructured) (string, time.Time, bool) {
-	holder, _, _ := unstructured.NestedString(l.Object, "spec", "holderIdentity")
-	renew, _, _ := unstructured.NestedString(l.Object, "spec", "renewTime")
-	if holder == "" || renew == "" {
-		return "", time.Time{}, false
-	}
-	// RFC 3339 parsing takes the microseconds of MicroTime as well as none.
-	renewed, err := time.Parse(time.RFC3339, renew)
-	if err != nil {
-		return "", time.Time{}, false
-	}
-	secs, ok, _ := unstructured.NestedInt64(l.Object, "spec", "leaseDurationSeconds")
-	if !ok {
-		secs = 30
-	}
-	return holder, renewed.Add(time.Duration(secs) * time.Second), true
-}
-
-// AcquireLock takes the lease ns/name for identity, creating it if needed,
-// or taking it over when its holder stopped renewing it. It fails with
-// ErrLocked while another holder's lease is live.
-func AcquireLock(ctx context.Context, client dynamic.Interface, ns, name, identity string, d time.Duration) (*Lock, error) {
-	if d <= 0 {
-		d = DefaultLeaseDuration
-	}
-	l := &Lock{client: client, ns: ns, name: name, identity: identity, duration: d}
-	leases := client.Resource(LeaseGVR).Namespace(ns)
-	now := time.Now()
-	cur, err := leases.Get(ctx, name, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		lease := &unstructured.Unstructured{Object: map[string]any{
-			"apiVersion": "coordination.k8s.io/v1",
-			"kind":       "Lease",
-			"metadata":   map[string]any{"name": name, "namespace": ns},
-		}}
-		setHolder(lease, identity, d, now)
-		created, err := leases.Create(ctx, lease, metav1.CreateOptions{})
-		if apierrors.IsAlreadyExists(err) {
-			return nil, fmt.Errorf("lease %s/%s: created concurrently: %w", ns, name, ErrLocked)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("lease %s/%s: %w", ns, name, err)
-		}
-		l.lease = created
-		return l, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("lease %s/%s: %w", ns, name, err)
-	}
-	if h, expires, ok := liveHolder(cur); ok && h != identity && now.Before(expires) {
-		return nil, fmt.Errorf("lease %s/%s held by %q until %s: %w", ns, name, h, expires.UTC().Format(time.RFC3339), ErrLocked)
-	}
-	cur = cur.DeepCopy()
-	setHolder(cur, identity, d, now)
-	updated, err := leases.Update(ctx, cur, metav1.UpdateOptions{})
-	if apierrors.IsConflict(err) {
-		return nil, fmt.Errorf("lease %s/%s: taken concurrently: %w", ns, name, ErrLocked)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("lease %s/%s: %w", ns, name, err)
-	}
-	l.lease = updated
-	return l, nil
-}
-
 // update applies change to the lease we hold; a conflict or a new holder
 // means we lost it.
 func (l *Lock) update(ctx context.Context, change func(*unstructured.Unstructured)) error {
@@ -438,10 +371,10 @@ func (a *acquirer) keepWaiting(h holding, why string, now time.Time) error {
 	held := fmt.Sprintf("lease %s held by %q until %s", a.lease(), h.identity, h.expires.UTC().Format(time.RFC3339))
 	switch {
 	case a.o.Wait <= 0:
-		return fmt.Errorf("%s (not provably dead: %s): %w", held, why, ErrLocked)
+		return fmt.Errorf("%s; cannot prove it dead (%s): %w", held, why, ErrLocked)
 	case a.seen.identity == "":
 		a.seen, a.waitUntil, a.reported = h, now.Add(a.o.Wait), now
-		a.say("%s is not provably dead (%s); waiting up to %s (--lease-wait) for it to expire",
+		a.say("%s; cannot prove it dead (%s); waiting up to %s (--lease-wait) for it to expire",
 			held, why, shortDuration(a.o.Wait))
 		return nil
 	case h.identity != a.seen.identity:

@@ -228,8 +228,13 @@ func (f *rotateFlags) options(ctx context.Context, refresh time.Duration, e rota
 		return rotation.Options{}, err
 	}
 	holder, err := rotation.CurrentHolder()
-	if err != nil {
+	if err != nil && holder.Host == "" {
 		return rotation.Options{}, err
+	}
+	if err != nil {
+		// Still a usable identity; only a crash of this run cannot be
+		// proven later, so a rerun waits for the lease to expire.
+		fmt.Fprintf(stderr, "lease: holder identity is partial (%v); a crash of this run cannot be proven later\n", err)
 	}
 	if f.propagationWait == 0 {
 		f.propagationWait = 2*refresh + time.Second
