@@ -212,7 +212,7 @@ func (r *runner) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := r.switchTo(ctx, lock, p, g); err != nil {
+	if err := r.switchTo(ctx, p, g); err != nil {
 		return err
 	}
 	result := r.reencrypt(ctx, lock, p, g)

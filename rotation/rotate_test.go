@@ -457,3 +457,30 @@ func TestRunRefusesAnEmptyScanOfAListedResource(t *testing.T) {
 		t.Errorf("versions created: got %d, want %d", got, want)
 	}
 }
+
+// A run killed right after the create phase (what --crash-after create
+// does) must already have recorded its target, or the rerun leaves the new
+// version pending and does nothing.
+func TestRunRecordsTheTargetWithinCreate(t *testing.T) {
+	c := newCluster(t, time.Hour, 5, 0)
+	o := opts(t, "secrets")
+	o.Force = true
+	var atCreate string
+	o.AfterPhase = func(phase string) {
+		if phase != PhaseCreate {
+			return
+		}
+		lease, err := c.kube.Resource(LeaseGVR).Namespace(DefaultLeaseNamespace).Get(context.Background(), DefaultLeaseName, metav1.GetOptions{})
+		if err != nil {
+			t.Errorf("lease at the end of create: %v", err)
+			return
+		}
+		atCreate = lease.GetAnnotations()[TargetAnnotation]
+	}
+	if _, err := c.rotation(t).Run(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := atCreate, "file:k/2"; got != want {
+		t.Errorf("lease target when create ended: got %q, want %q", got, want)
+	}
+}

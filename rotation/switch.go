@@ -45,22 +45,28 @@ func (r *runner) decide(ctx context.Context, lock *Lock, p plan) (goal, error) {
 	r.say("rotate: %s", p.due.why)
 	r.begin(PhaseCreate)
 	defer r.end()
-	if v, ok := pending(p.versions, p.primary); ok {
+	v, ok := pending(p.versions, p.primary)
+	if ok {
 		r.say("create: reusing pending version %s", v.KeyID)
-		return goal{keyID: v.KeyID, rotating: true}, nil
+	} else {
+		var err error
+		if v, err = r.Rotator.CreateVersion(ctx); err != nil {
+			return goal{}, fmt.Errorf("create: %w", err)
+		}
+		r.say("create: new version %s", v.KeyID)
 	}
-	v, err := r.Rotator.CreateVersion(ctx)
-	if err != nil {
-		return goal{}, fmt.Errorf("create: %w", err)
+	// Recorded before the phase ends: a run killed right after creating
+	// the version must leave it to the next run to finish.
+	if err := lock.SetTarget(ctx, v.KeyID); err != nil {
+		return goal{}, fmt.Errorf("create: record target: %w", err)
 	}
-	r.say("create: new version %s", v.KeyID)
 	return goal{keyID: v.KeyID, rotating: true}, nil
 }
 
-// switchTo records the goal in the lease, promotes it after the
-// propagation wait when it is not the primary yet, and confirms every
-// apiserver writes with it before anything is rewritten.
-func (r *runner) switchTo(ctx context.Context, lock *Lock, p plan, g goal) error {
+// switchTo promotes the goal after the propagation wait when it is not the
+// primary yet, and confirms every apiserver writes with it before anything
+// is rewritten.
+func (r *runner) switchTo(ctx context.Context, p plan, g goal) error {
 	r.rep.NewKeyID = g.keyID
 	r.rep.Writers = p.writers.withKey(g.keyID)
 	if !g.rotating {
@@ -68,9 +74,6 @@ func (r *runner) switchTo(ctx context.Context, lock *Lock, p plan, g goal) error
 			return nil
 		}
 		return r.confirm(ctx, r.rep.Writers, false, p.confirmWith)
-	}
-	if err := lock.SetTarget(ctx, g.keyID); err != nil {
-		return fmt.Errorf("create: record target: %w", err)
 	}
 	if g.keyID != p.primary.KeyID {
 		if err := r.promote(ctx, g.keyID); err != nil {
