@@ -19,7 +19,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kms-v2/kms-plugin/e2e/harness"
-	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // TestControlPlane runs every scenario on one HA control plane (two
@@ -76,16 +76,16 @@ func testStoredEncrypted(ctx context.Context, t *testing.T, c *harness.Cluster) 
 		objects = append(objects, cpObject{"secrets", ns, s}, cpObject{"configmaps", ns, cm})
 	}
 
-	wantPrefix := rotation.KMSv2Prefix + c.ProviderName + ":"
+	wantPrefix := etcdlayout.KMSv2Prefix + c.ProviderName + ":"
 	for _, o := range objects {
-		got, err := c.StoredObject(ctx, o.etcdKey())
+		got, err := c.StoredObject(ctx, o.etcdKey(c))
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.HasPrefix(got.Raw, []byte(wantPrefix)) {
 			t.Errorf("%s: stored value starts %q, want prefix %q", o, cpPrintable(got.Raw, len(wantPrefix)), wantPrefix)
 		}
-		if got.Stored.Encoding != rotation.EncodingKMSv2 || got.Stored.KeyID != primary {
+		if got.Stored.Encoding != etcdlayout.EncodingKMSv2 || got.Stored.KeyID != primary {
 			t.Errorf("%s: stored as %s under key_id %q (err %v), want kmsv2 under the primary %q", o, got.Stored.Encoding, got.Stored.KeyID, got.Stored.Err, primary)
 		}
 	}
@@ -194,7 +194,7 @@ func testReadyzFollowsPlugin(ctx context.Context, t *testing.T, c *harness.Clust
 			t.Errorf("secret %s after plugin restart: got %q, want %q", name, got, want)
 		}
 	}
-	got, err := c.StoredObject(ctx, cpObject{"secrets", ns, "after"}.etcdKey())
+	got, err := c.StoredObject(ctx, cpObject{"secrets", ns, "after"}.etcdKey(c))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,7 +262,7 @@ func testPromote(ctx context.Context, t *testing.T, c *harness.Cluster) {
 				if got := cpReadSecret(ctx, t, a, ns, name); got != prefix {
 					t.Errorf("kube-apiserver-%d reading %s: got %q, want %q", i, name, got, prefix)
 				}
-				stored, err := c.StoredObject(ctx, cpObject{"secrets", ns, name}.etcdKey())
+				stored, err := c.StoredObject(ctx, cpObject{"secrets", ns, name}.etcdKey(c))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -301,7 +301,7 @@ func testHA(ctx context.Context, t *testing.T, c *harness.Cluster) {
 		}
 		n := 0
 		for _, o := range objs {
-			if strings.HasPrefix(o.Key, "/registry/secrets/"+ns+"/"+phase+"-") {
+			if strings.HasPrefix(o.Key, c.Layout.Key("secrets", ns, phase+"-")) {
 				n++
 				if o.Stored.KeyID != keyID {
 					t.Errorf("%s: key_id got %q, want %q", o.Key, o.Stored.KeyID, keyID)
@@ -387,7 +387,7 @@ func testRestartDecryptsOncePerSeed(ctx context.Context, t *testing.T, c *harnes
 			for _, o := range objs {
 				if id := o.SeedID(); id != "" {
 					all[id]++
-					if strings.HasPrefix(o.Key, "/registry/"+r+"/"+ns+"/") {
+					if strings.HasPrefix(o.Key, c.Layout.ResourcePrefix(r+"/"+ns)) {
 						ours[id]++
 					}
 				}
@@ -494,8 +494,8 @@ func cpCheckAllRead(ctx context.Context, t *testing.T, a *harness.APIServer, ns 
 // cpObject names one namespaced object.
 type cpObject struct{ resource, namespace, name string }
 
-func (o cpObject) etcdKey() string {
-	return "/registry/" + o.resource + "/" + o.namespace + "/" + o.name
+func (o cpObject) etcdKey(c *harness.Cluster) string {
+	return c.Layout.Key(o.resource, o.namespace, o.name)
 }
 
 func (o cpObject) String() string { return o.resource + "/" + o.namespace + "/" + o.name }

@@ -22,7 +22,7 @@ import (
 	"github.com/kms-v2/kms-plugin/e2e/harness"
 	"github.com/kms-v2/kms-plugin/e2e/keyvault-emulator/emulator"
 	"github.com/kms-v2/kms-plugin/providers/pkcs11/pkcs11test"
-	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // TestPKCS11ControlPlane runs the real control plane with the plugin on a
@@ -115,7 +115,7 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 	c := harness.Start(t, opts)
 	ctx := t.Context()
 	a, p := c.APIServers[0], c.Plugins[0]
-	wantPrefix := []byte(rotation.KMSv2Prefix + c.ProviderName + ":")
+	wantPrefix := []byte(etcdlayout.KMSv2Prefix + c.ProviderName + ":")
 
 	old := cpPrimary(t, c)
 	if !strings.HasPrefix(old, pc.keyIDPrefix) {
@@ -144,9 +144,9 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 	}
 	provWriteSecret(ctx, t, a, ns, "old-plain", "old")
 	oldObjects := []string{
-		"/registry/secrets/" + ns + "/old-secret",
-		"/registry/configmaps/" + ns + "/old-configmap",
-		"/registry/secrets/" + ns + "/old-plain",
+		c.Layout.Key("secrets", ns, "old-secret"),
+		c.Layout.Key("configmaps", ns, "old-configmap"),
+		c.Layout.Key("secrets", ns, "old-plain"),
 	}
 	for _, k := range oldObjects {
 		provCheckStored(ctx, t, c, k, wantPrefix, old)
@@ -245,12 +245,12 @@ func provWaitForWriteUnder(ctx context.Context, t *testing.T, c *harness.Cluster
 		}, metav1.CreateOptions{}); err != nil {
 			return fmt.Errorf("create secret %s: %w", name, err)
 		}
-		k := "/registry/secrets/" + ns + "/" + name
+		k := c.Layout.Key("secrets", ns, name)
 		got, err := c.StoredObject(ctx, k)
 		if err != nil {
 			return err
 		}
-		if got.Stored.Encoding != rotation.EncodingKMSv2 || got.Stored.KeyID != keyID {
+		if got.Stored.Encoding != etcdlayout.EncodingKMSv2 || got.Stored.KeyID != keyID {
 			return fmt.Errorf("%s stored as %s under key_id %q, want kmsv2 under %q", k, got.Stored.Encoding, got.Stored.KeyID, keyID)
 		}
 		key = k
@@ -277,7 +277,7 @@ func provCheckStored(ctx context.Context, t *testing.T, c *harness.Cluster, key 
 		n := min(len(got.Raw), len(wantPrefix))
 		t.Errorf("%s: stored value starts %q, want prefix %q", key, got.Raw[:n], wantPrefix)
 	}
-	if got.Stored.Encoding != rotation.EncodingKMSv2 || got.Stored.KeyID != keyID {
+	if got.Stored.Encoding != etcdlayout.EncodingKMSv2 || got.Stored.KeyID != keyID {
 		t.Errorf("%s: stored as %s under key_id %q (err %v), want kmsv2 under %q", key, got.Stored.Encoding, got.Stored.KeyID, got.Stored.Err, keyID)
 	}
 }

@@ -23,6 +23,7 @@ import (
 
 	"github.com/kms-v2/kms-plugin/e2e/harness"
 	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // kmsctlRun is one finished kmsctl process.
@@ -91,29 +92,36 @@ func decodeReport(t *testing.T, stdout string) *rotation.Report {
 	return &rep
 }
 
-// census counts from etcd how the given resources are stored, judged
-// against current.
+// census counts from etcd, under the cluster's layout, how the given
+// resources are stored, judged against what the apiserver writes when the
+// plugin's primary is current: KMS v2 under the cluster's provider name.
 func census(ctx context.Context, t *testing.T, c *harness.Cluster, current string, resources ...string) *rotation.Census {
 	t.Helper()
 	rs, err := rotation.ParseResources(resources)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cs, err := rotation.TakeCensus(ctx, rotation.EtcdStore{KV: c.Etcd.Client.KV}, rs, current, rotation.CensusOptions{})
+	w := rotation.Writers{}
+	for _, r := range rs {
+		w[r.Name] = etcdlayout.KMSv2Writer(c.ProviderName, current)
+	}
+	cs, err := rotation.TakeCensus(ctx, rotation.Etcd{Store: c.Etcd.Store(), Layout: c.Layout}, rs, w, rotation.CensusOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return cs
 }
 
-// requireAllUnder fails unless every counted object is under keyID.
+// requireAllUnder fails unless every counted object is stored as the
+// apiserver writes with keyID primary: KMS v2, the cluster's provider name,
+// keyID.
 func requireAllUnder(ctx context.Context, t *testing.T, c *harness.Cluster, keyID string, resources ...string) *rotation.Census {
 	t.Helper()
 	cs := census(ctx, t, c, keyID, resources...)
 	for _, rc := range cs.Resources {
-		if got, want := rc.ByKeyID[keyID], rc.Total; got != want || rc.Stale != 0 {
-			t.Errorf("%s: %d of %d objects under %s (by key %v, unencrypted %d, undecodable %d), want all",
-				rc.Resource, got, want, keyID, rc.ByKeyID, rc.Unencrypted, rc.Undecodable)
+		if got, want := rc.Objects(c.ProviderName, keyID), rc.Total; got != want || rc.Stale != 0 {
+			t.Errorf("%s: %d of %d objects under provider %s key %s (by provider %+v, plaintext %d, other %d, undecodable %d, stale %d), want all",
+				rc.Resource, got, want, c.ProviderName, keyID, rc.ByProvider, rc.Plaintext, rc.Other, rc.Undecodable, rc.Stale)
 		}
 	}
 	return cs

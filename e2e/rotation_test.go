@@ -46,7 +46,7 @@ func testRotateChangesNothing(ctx context.Context, t *testing.T, c *harness.Clus
 	for _, tc := range []struct {
 		name       string
 		args       []string
-		wantAction string
+		wantAction rotation.Action
 	}{
 		{name: "young key", args: []string{"--if-older-than", "720h", "--retire", "--resources", "secrets,configmaps"}, wantAction: "skipped"},
 		{name: "dry run forced", args: []string{"--force", "--dry-run", "--resources", "secrets,configmaps"}, wantAction: "dry run"},
@@ -172,7 +172,7 @@ func testRotateUnderLoad(ctx context.Context, t *testing.T, c *harness.Cluster) 
 func testRetireRefuses(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	ns := populate(ctx, t, c, "rot-refuse", 100, 20)
 	a := mustPrimary(t, c)
-	cmUnderA := census(ctx, t, c, a, "configmaps").Resources[0].ByKeyID[a]
+	cmUnderA := census(ctx, t, c, a, "configmaps").Resources[0].KeyIDObjects(a)
 	rep := rotate(ctx, t, c, 3, "--force", "--retire", "--resources", "secrets")
 	b := rep.NewKeyID
 	requireAllUnder(ctx, t, c, b, "secrets")
@@ -204,7 +204,7 @@ func testRetireRefuses(ctx context.Context, t *testing.T, c *harness.Cluster) {
 			t.Fatalf("patch %s: %v", o.Key, err)
 		}
 	}
-	if got, want := census(ctx, t, c, b, "configmaps").Resources[0].ByKeyID[a], 1; got != want {
+	if got, want := census(ctx, t, c, b, "configmaps").Resources[0].KeyIDObjects(a), 1; got != want {
 		t.Fatalf("configmaps under %s: got %d, want %d", a, got, want)
 	}
 	rep = rotate(ctx, t, c, 3, "--retire", "--resources", "secrets")
@@ -224,7 +224,7 @@ func testRetireRefuses(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	if got, want := keyState(t, c, a), "disabled"; got != want {
 		t.Errorf("old key %s after the finishing run: got %s, want %s", a, got, want)
 	}
-	if got, want := rep.Action, "finished"; got != want {
+	if got, want := rep.Action, rotation.ActionFinished; got != want {
 		t.Errorf("action: got %q, want %q", got, want)
 	}
 }

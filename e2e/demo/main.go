@@ -29,7 +29,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kms-v2/kms-plugin/e2e/harness"
-	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 const namespace = "demo"
@@ -125,7 +125,7 @@ func run(ctx context.Context, once, keep bool) error {
 
 	o.title("Looking at etcd directly, bypassing the apiserver")
 	for _, name := range names {
-		st, err := c.StoredObject(ctx, "/registry/secrets/"+namespace+"/"+name)
+		st, err := c.StoredObject(ctx, c.Layout.Key("secrets", namespace, name))
 		if err != nil {
 			return err
 		}
@@ -133,7 +133,7 @@ func run(ctx context.Context, once, keep bool) error {
 			return err
 		}
 	}
-	ns, err := c.StoredObject(ctx, "/registry/namespaces/"+namespace)
+	ns, err := c.StoredObject(ctx, c.Layout.Key("namespaces", "", namespace))
 	if err == nil {
 		o.say("For contrast, namespaces are not encrypted: %s starts with %q", ns.Key, ns.Raw[:4])
 	}
@@ -166,7 +166,7 @@ func run(ctx context.Context, once, keep bool) error {
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "      SECRET\tKEY_ID IN ETCD\tREAD THROUGH THE APISERVER\n")
 	for _, name := range names {
-		st, err := c.StoredObject(ctx, "/registry/secrets/"+namespace+"/"+name)
+		st, err := c.StoredObject(ctx, c.Layout.Key("secrets", namespace, name))
 		if err != nil {
 			return err
 		}
@@ -214,7 +214,7 @@ func createSecret(ctx context.Context, a *harness.APIServer, name, value string)
 // appears in the stored bytes. A plaintext hit is an error: the demo must
 // not claim what is not so.
 func show(o *out, st harness.StoredObject, value string) error {
-	prefixLen := len(rotation.KMSv2Prefix)
+	prefixLen := len(etcdlayout.KMSv2Prefix)
 	if i := bytes.IndexByte(st.Raw[prefixLen:], ':'); i >= 0 {
 		prefixLen += i + 1
 	}
@@ -222,7 +222,7 @@ func show(o *out, st harness.StoredObject, value string) error {
 	o.say("  stored as   %s, %d bytes", st.Stored.Encoding, len(st.Raw))
 	o.say("  starts with %q  (then a protobuf EncryptedObject)", st.Raw[:prefixLen])
 	o.say("  key_id      %s", st.Stored.KeyID)
-	if st.Stored.Encoding != rotation.EncodingKMSv2 {
+	if st.Stored.Encoding != etcdlayout.EncodingKMSv2 {
 		return fmt.Errorf("%s is not KMS v2 encrypted", st.Key)
 	}
 	if bytes.Contains(st.Raw, []byte(value)) {

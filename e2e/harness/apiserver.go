@@ -30,7 +30,8 @@ type APIServer struct {
 	// Kubeconfig is a kubeconfig file for this apiserver with the admin
 	// token, for kubectl and for tools under test.
 	Kubeconfig string
-	// EncryptionConfig is the EncryptionConfiguration file it loads.
+	// EncryptionConfig is the EncryptionConfiguration file it loads;
+	// SetEncryptionConfig or Reconfigure change it.
 	EncryptionConfig string
 	// RESTConfig reaches this apiserver as admin; copy it before changing.
 	RESTConfig *rest.Config
@@ -68,7 +69,11 @@ func (c *Cluster) newAPIServer(i int) (*APIServer, error) {
 		EncryptionConfig: filepath.Join(dir, "encryption-config.yaml"),
 		c:                c,
 	}
-	if err := os.WriteFile(a.EncryptionConfig, c.encryptionConfig(c.Plugins[i].Socket), 0o600); err != nil {
+	encCfg, err := c.renderEncryptionConfig(c.Plugins[i].Socket, c.DefaultEncryptionProviders())
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(a.EncryptionConfig, encCfg, 0o600); err != nil {
 		return nil, err
 	}
 	if err := os.WriteFile(a.Kubeconfig, kubeconfig(fmt.Sprintf("kms-e2e-%d", i), a.URL, c.Token), 0o600); err != nil {
@@ -105,6 +110,9 @@ func (c *Cluster) newAPIServer(i int) (*APIServer, error) {
 		"--service-cluster-ip-range", "10.96.0.0/16",
 		"--encryption-provider-config", a.EncryptionConfig,
 		"--v", "1",
+	}
+	if c.opts.EtcdPrefix != "" {
+		args = append(args, "--etcd-prefix", c.Layout.Prefix())
 	}
 	if len(c.Plugins) > 1 {
 		// Every apiserver would otherwise fight over the kubernetes
@@ -153,27 +161,6 @@ func (c *Cluster) apiserverSharedFiles() (saKey, tokens string, err error) {
 	return saKey, tokens, nil
 }
 
-// encryptionConfig is KMS v2 first (it writes) and identity second (it
-// reads what was stored before encryption was on).
-func (c *Cluster) encryptionConfig(socket string) []byte {
-	quoted := make([]string, len(c.Resources))
-	for i, r := range c.Resources {
-		quoted[i] = fmt.Sprintf("%q", r)
-	}
-	return fmt.Appendf(nil, `apiVersion: apiserver.config.k8s.io/v1
-kind: EncryptionConfiguration
-resources:
-  - resources: [%s]
-    providers:
-      - kms:
-          apiVersion: v2
-          name: %s
-          endpoint: unix://%s
-          timeout: 3s
-      - identity: {}
-`, strings.Join(quoted, ", "), c.ProviderName, socket)
-}
-
 func kubeconfig(name, server, token string) []byte {
 	return fmt.Appendf(nil, `apiVersion: v1
 kind: Config
@@ -195,8 +182,13 @@ current-context: %[1]s
 `, name, server, token)
 }
 
-// Start runs the apiserver and waits until /readyz answers 200.
+// Start runs the apiserver and waits until /readyz answers 200, at most
+// Options.StartTimeout when ctx has no deadline of its own: an apiserver
+// that cannot get ready (say, it can no longer decrypt what it must list)
+// fails the test instead of hanging it.
 func (a *APIServer) Start(ctx context.Context) error {
+	ctx, cancel := a.c.startContext(ctx)
+	defer cancel()
 	a.proc.args = append(append([]string(nil), a.baseArgs...), a.ExtraArgs...)
 	if err := a.proc.start(); err != nil {
 		return err

@@ -106,7 +106,9 @@ var pluginBin struct {
 }
 
 // PluginBinDir returns the folder holding kms-plugin and kmsctl, building
-// both from this repository on first use in this process. When the calling
+// both from this repository on first use in this process, with the
+// e2ehooks build tag (kmsctl's test-only crash hooks; prebuilt binaries in
+// $KMS_PLUGIN_BIN_DIR need it too for the crash tests). When the calling
 // binary is built with -race, so is the plugin: real apiserver traffic is the
 // best race detector input the plugin gets.
 func PluginBinDir() (string, error) {
@@ -135,7 +137,9 @@ func buildPlugin() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	args := []string{"build", "-o", dir}
+	// e2ehooks: kmsctl's crash hooks (--crash-after) exist only in such a
+	// build; the shipped binary has none.
+	args := []string{"build", "-tags", "e2ehooks", "-o", dir}
 	if raceEnabled {
 		args = append(args, "-race")
 	}

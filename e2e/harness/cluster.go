@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // Defaults for Options.
@@ -41,6 +43,9 @@ type Options struct {
 	// Resources are encrypted with KMS v2 first and identity second
 	// (default DefaultResources).
 	Resources []string
+	// EtcdPrefix is the apiservers' --etcd-prefix (default
+	// etcdlayout.DefaultPrefix, and then the flag is not passed at all).
+	EtcdPrefix string
 	// ProviderName is the EncryptionConfiguration provider name (default
 	// DefaultProviderName).
 	ProviderName string
@@ -84,6 +89,9 @@ type Cluster struct {
 	ProviderName string
 	// Resources are the encrypted resources.
 	Resources []string
+	// Layout is where the apiservers keep objects in etcd (their
+	// --etcd-prefix); StoredObject(s) read under it.
+	Layout etcdlayout.Layout
 	// Token is the admin bearer token (group system:masters) every
 	// apiserver accepts.
 	Token string
@@ -100,6 +108,8 @@ type Cluster struct {
 	mu      sync.Mutex
 	cleanup []func() error
 	closed  bool
+	spares  []*Etcd           // StartSpareEtcd's members
+	secrets map[string]string // aescbc key name -> base64 secret, stable per cluster
 }
 
 // bins are the executables a cluster runs.
@@ -123,6 +133,12 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	}
 	if opts.StartTimeout == 0 {
 		opts.StartTimeout = DefaultStartTimeout
+	}
+	layout := etcdlayout.Default()
+	if opts.EtcdPrefix != "" {
+		if layout, err = etcdlayout.New(opts.EtcdPrefix); err != nil {
+			return nil, fmt.Errorf("Options.EtcdPrefix: %w", err)
+		}
 	}
 	logf := opts.Logf
 	if logf == nil {
@@ -150,6 +166,7 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 		SharedDir:    filepath.Join(dir, "shared"),
 		ProviderName: opts.ProviderName,
 		Resources:    opts.Resources,
+		Layout:       layout,
 		Token:        randomHex(16),
 		opts:         opts,
 		logf:         logf,
@@ -181,7 +198,7 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	start := time.Now()
 
 	logf("harness: starting etcd")
-	if c.Etcd, err = c.startEtcd(ctx); err != nil {
+	if c.Etcd, err = c.startEtcd(ctx, "etcd"); err != nil {
 		return nil, err
 	}
 
@@ -310,6 +327,11 @@ func (c *Cluster) processes() []*process {
 	if c.Etcd != nil {
 		ps = append(ps, c.Etcd.proc)
 	}
+	c.mu.Lock()
+	for _, e := range c.spares {
+		ps = append(ps, e.proc)
+	}
+	c.mu.Unlock()
 	for _, p := range c.Plugins {
 		ps = append(ps, p.proc)
 	}
@@ -317,6 +339,19 @@ func (c *Cluster) processes() []*process {
 		ps = append(ps, a.proc)
 	}
 	return ps
+}
+
+// startContext bounds a (re)start by Options.StartTimeout unless ctx
+// already has a deadline.
+func (c *Cluster) startContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	d := c.opts.StartTimeout
+	if d <= 0 {
+		d = DefaultStartTimeout
+	}
+	return context.WithTimeout(ctx, d)
 }
 
 func (c *Cluster) logDir() string { return filepath.Join(c.Dir, "logs") }

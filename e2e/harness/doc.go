@@ -12,7 +12,15 @@
 //
 // Binaries: the control plane comes from $KMS_E2E_BIN or e2e/tools/build.sh
 // (which builds only what is missing); kms-plugin and kmsctl come from
-// $KMS_PLUGIN_BIN_DIR or are built from this repository once per process.
+// $KMS_PLUGIN_BIN_DIR or are built from this repository once per process,
+// with the e2ehooks build tag so kmsctl has its test-only crash hooks.
+//
+// The harness reads etcd through package rotation/etcdlayout only (the key
+// layout under Options.EtcdPrefix and the stored-value decoding), never the
+// orchestrator it tests. Tests can reshape the cluster while it runs:
+// APIServer.Reconfigure installs an EncryptionConfiguration rendered from
+// KMS, Identity and AESCBC entries and restarts that apiserver, and
+// StartSpareEtcd starts a second, empty etcd to point a tool at.
 // Test binaries should call RunTests from TestMain so that build is removed
 // afterwards.
 //

@@ -13,13 +13,12 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-	"google.golang.org/protobuf/proto"
-	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
 
-	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
-// Etcd is the single etcd member every apiserver stores in.
+// Etcd is one etcd member: the one every apiserver stores in, or a spare
+// (StartSpareEtcd) that holds none of the cluster's objects.
 type Etcd struct {
 	// Endpoint is the client URL, http://127.0.0.1:PORT.
 	Endpoint string
@@ -30,7 +29,9 @@ type Etcd struct {
 	proc *process
 }
 
-func (c *Cluster) startEtcd(ctx context.Context) (*Etcd, error) {
+// startEtcd starts an empty single-member etcd named name: its data under
+// <Dir>/<name>, its log logs/<name>.log. Close stops it.
+func (c *Cluster) startEtcd(ctx context.Context, name string) (*Etcd, error) {
 	clientPort, err := freePort()
 	if err != nil {
 		return nil, err
@@ -39,7 +40,7 @@ func (c *Cluster) startEtcd(ctx context.Context) (*Etcd, error) {
 	if err != nil {
 		return nil, err
 	}
-	dataDir := filepath.Join(c.Dir, "etcd")
+	dataDir := filepath.Join(c.Dir, name)
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return nil, err
 	}
@@ -47,7 +48,7 @@ func (c *Cluster) startEtcd(ctx context.Context) (*Etcd, error) {
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
 	e := &Etcd{Endpoint: clientURL}
 	e.proc = &process{
-		name: "etcd",
+		name: name,
 		path: c.bins.etcd,
 		args: []string{
 			"--name", "default",
@@ -61,20 +62,15 @@ func (c *Cluster) startEtcd(ctx context.Context) (*Etcd, error) {
 			// fsync dominates write latency on a shared CI disk.
 			"--unsafe-no-fsync",
 		},
-		logPath: filepath.Join(c.logDir(), "etcd.log"),
+		logPath: filepath.Join(c.logDir(), name+".log"),
 	}
 	if err := e.proc.start(); err != nil {
 		return nil, err
 	}
-	c.onClose(func() error {
-		if e.Client != nil {
-			e.Client.Close()
-		}
-		return e.proc.stop()
-	})
+	c.onClose(e.Stop)
 	err = Poll(ctx, 100*time.Millisecond, func() error {
 		if done, werr := e.proc.exited(); done {
-			return StopPolling(fmt.Errorf("etcd exited: %v", werr))
+			return StopPolling(fmt.Errorf("%s exited: %v", name, werr))
 		}
 		resp, err := http.Get(clientURL + "/health")
 		if err != nil {
@@ -82,12 +78,12 @@ func (c *Cluster) startEtcd(ctx context.Context) (*Etcd, error) {
 		}
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("etcd /health: %s", resp.Status)
+			return fmt.Errorf("%s /health: %s", name, resp.Status)
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("etcd not healthy: %w", err)
+		return nil, fmt.Errorf("%s not healthy: %w\n%s", name, err, e.proc.tail(20))
 	}
 	e.Client, err = clientv3.New(clientv3.Config{
 		Endpoints:   []string{clientURL},
@@ -95,22 +91,55 @@ func (c *Cluster) startEtcd(ctx context.Context) (*Etcd, error) {
 		Logger:      zap.NewNop(), // its retries are not the test's story
 	})
 	if err != nil {
-		return nil, fmt.Errorf("etcd client: %w", err)
+		return nil, fmt.Errorf("%s client: %w", name, err)
 	}
 	return e, nil
 }
 
-// StoredObject is one etcd value under /registry, as the apiserver wrote it.
+// StartSpareEtcd starts a second, empty etcd member in the cluster's folder,
+// which no apiserver uses: the wrong etcd a tool may be pointed at. Close
+// stops it; the cluster's log tails include it.
+func (c *Cluster) StartSpareEtcd(ctx context.Context) (*Etcd, error) {
+	c.mu.Lock()
+	name := fmt.Sprintf("etcd-spare-%d", len(c.spares))
+	c.mu.Unlock()
+	e, err := c.startEtcd(ctx, name)
+	if e != nil {
+		c.mu.Lock()
+		c.spares = append(c.spares, e)
+		c.mu.Unlock()
+	}
+	return e, err
+}
+
+// Stop stops the member (SIGTERM, then SIGKILL after a grace period).
+func (e *Etcd) Stop() error {
+	if e.Client != nil {
+		e.Client.Close()
+		e.Client = nil
+	}
+	return e.proc.stop()
+}
+
+// Store is a read-only etcdlayout.Store over this member, as kmsctl opens
+// one: for tests that take a census themselves.
+func (e *Etcd) Store() etcdlayout.EtcdStore {
+	return etcdlayout.EtcdStore{KV: e.Client.KV, Endpoints: []string{e.Endpoint}}
+}
+
+// StoredObject is one etcd value under the cluster's prefix (Layout), as
+// the apiserver wrote it.
 type StoredObject struct {
-	// Key is the etcd key, e.g. /registry/secrets/ns/name.
+	// Key is the etcd key, e.g. Layout.Key("secrets", "ns", "name").
 	Key string
 	// Raw is the stored value, for checks that no plaintext leaked. Never
 	// log it.
 	Raw []byte
 	// ModRevision is the etcd revision of the last write.
 	ModRevision int64
-	// Stored is how the value is protected (encoding, provider, key_id).
-	Stored rotation.StoredValue
+	// Stored is how the value is protected (encoding, provider kind and
+	// name, key_id).
+	Stored etcdlayout.Value
 	// DEKSourceHash is "sha256:<hex>" of the EncryptedObject's
 	// encryptedDEKSource (the plugin's ciphertext of the apiserver's seed),
 	// empty for values that are not KMS v2. Objects with equal KeyID and
@@ -133,14 +162,16 @@ func (o StoredObject) SeedID() string {
 // must.
 const storedPageSize = 200
 
-// StoredObjects reads every value under /registry/<resource>/ straight from
-// etcd, page by page, and classifies each with rotation.DecodeStoredValue.
-// resource is "secrets", "configmaps", or "<group>/<resource>"; "" reads
-// everything under /registry/, for a scan that no plaintext leaked anywhere.
+// StoredObjects reads every value under the resource's prefix in the
+// cluster's Layout straight from etcd, page by page, and classifies each
+// with etcdlayout.Decode. resource is "secrets", "configmaps",
+// "<group>/<resource>", or any deeper path such as "secrets/<namespace>";
+// "" reads everything under the prefix, for a scan that no plaintext leaked
+// anywhere.
 func (c *Cluster) StoredObjects(ctx context.Context, resource string) ([]StoredObject, error) {
-	prefix := "/registry/"
+	prefix := c.Layout.All()
 	if r := strings.Trim(resource, "/"); r != "" {
-		prefix += r + "/"
+		prefix = c.Layout.ResourcePrefix(r)
 	}
 	end := clientv3.GetPrefixRangeEnd(prefix)
 	var out []StoredObject
@@ -169,8 +200,8 @@ func (c *Cluster) StoredObjects(ctx context.Context, resource string) ([]StoredO
 	}
 }
 
-// StoredObject reads one value from etcd by its key (e.g.
-// /registry/secrets/ns/name).
+// StoredObject reads one value from etcd by its full key, e.g.
+// c.Layout.Key("secrets", ns, name).
 func (c *Cluster) StoredObject(ctx context.Context, key string) (StoredObject, error) {
 	resp, err := c.Etcd.Client.Get(ctx, key)
 	if err != nil {
@@ -184,22 +215,12 @@ func (c *Cluster) StoredObject(ctx context.Context, key string) (StoredObject, e
 }
 
 func decodeStored(key string, value []byte, modRev int64) StoredObject {
-	o := StoredObject{Key: key, Raw: value, ModRevision: modRev, Stored: rotation.DecodeStoredValue(value)}
-	if o.Stored.Encoding == rotation.EncodingKMSv2 {
-		o.DEKSourceHash = dekSourceHash(value)
+	o := StoredObject{Key: key, Raw: value, ModRevision: modRev, Stored: etcdlayout.Decode(value)}
+	if o.Stored.Encoding == etcdlayout.EncodingKMSv2 {
+		if src := etcdlayout.DEKSource(value); len(src) > 0 {
+			sum := sha256.Sum256(src)
+			o.DEKSourceHash = "sha256:" + hex.EncodeToString(sum[:])
+		}
 	}
 	return o
-}
-
-// dekSourceHash hashes the encryptedDEKSource of a KMS v2 value that
-// DecodeStoredValue already accepted.
-func dekSourceHash(value []byte) string {
-	rest := value[len(rotation.KMSv2Prefix):]
-	i := strings.IndexByte(string(rest), ':')
-	var obj kmstypes.EncryptedObject
-	if i < 0 || proto.Unmarshal(rest[i+1:], &obj) != nil {
-		return ""
-	}
-	sum := sha256.Sum256(obj.GetEncryptedDEKSource())
-	return "sha256:" + hex.EncodeToString(sum[:])
 }

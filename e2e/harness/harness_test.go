@@ -3,6 +3,7 @@ package harness
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"os"
@@ -12,11 +13,16 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	apiserverapi "k8s.io/apiserver/pkg/apis/apiserver"
+	apiserverinstall "k8s.io/apiserver/pkg/apis/apiserver/install"
+	apiservervalidation "k8s.io/apiserver/pkg/apis/apiserver/validation"
 	kmstypes "k8s.io/apiserver/pkg/storage/value/encrypt/envelope/kmsv2/v2"
 	"sigs.k8s.io/yaml"
 
 	"github.com/kms-v2/kms-plugin/config"
-	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 func TestKeyIDHash(t *testing.T) {
@@ -72,11 +78,11 @@ func TestDecodeStoredDEKSourceHash(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return append([]byte(rotation.KMSv2Prefix+"p:"), b...)
+		return append([]byte(etcdlayout.KMSv2Prefix+"p:"), b...)
 	}
 	a, a2, b := decodeStored("/registry/secrets/ns/a", enc("seed-1"), 1), decodeStored("/registry/secrets/ns/b", enc("seed-1"), 2), decodeStored("/registry/secrets/ns/c", enc("seed-2"), 3)
-	if a.Stored.Encoding != rotation.EncodingKMSv2 || a.Stored.KeyID != "k1" {
-		t.Fatalf("decode: got %s %q, want kmsv2 k1", a.Stored.Encoding, a.Stored.KeyID)
+	if a.Stored.Encoding != etcdlayout.EncodingKMSv2 || a.Stored.KeyID != "k1" || a.Stored.Provider != "p" {
+		t.Fatalf("decode: got %s %q %q, want kmsv2 provider p key k1", a.Stored.Encoding, a.Stored.Provider, a.Stored.KeyID)
 	}
 	if a.SeedID() != a2.SeedID() {
 		t.Errorf("same seed: got SeedIDs %q and %q, want equal", a.SeedID(), a2.SeedID())
@@ -133,27 +139,185 @@ func TestPluginConfigLoads(t *testing.T) {
 	}
 }
 
+// parseEncryptionConfig decodes an EncryptionConfiguration the way
+// kube-apiserver does (strictly, through its scheme into the internal type)
+// and runs the apiserver's own validation on it.
+func parseEncryptionConfig(t *testing.T, data []byte) *apiserverapi.EncryptionConfiguration {
+	t.Helper()
+	scheme := runtime.NewScheme()
+	apiserverinstall.Install(scheme)
+	codecs := serializer.NewCodecFactory(scheme, serializer.EnableStrict)
+	obj, gvk, err := codecs.UniversalDecoder().Decode(data, nil, nil)
+	if err != nil {
+		t.Fatalf("decode: %v\n%s", err, data)
+	}
+	cfg, ok := obj.(*apiserverapi.EncryptionConfiguration)
+	if !ok {
+		t.Fatalf("decoded %v (%T), want an EncryptionConfiguration\n%s", gvk, obj, data)
+	}
+	if errs := apiservervalidation.ValidateEncryptionConfiguration(cfg, false); len(errs) > 0 {
+		t.Fatalf("kube-apiserver's validation: %v\n%s", errs.ToAggregate(), data)
+	}
+	return cfg
+}
+
 func TestEncryptionConfig(t *testing.T) {
 	c := &Cluster{ProviderName: "kms-e2e", Resources: []string{"secrets", "configmaps"}}
-	got := string(c.encryptionConfig("/tmp/x/kms.sock"))
-	var parsed struct {
-		Resources []struct {
-			Resources []string         `json:"resources"`
-			Providers []map[string]any `json:"providers"`
-		} `json:"resources"`
+	data, err := c.renderEncryptionConfig("/tmp/x/kms.sock", c.DefaultEncryptionProviders())
+	if err != nil {
+		t.Fatal(err)
 	}
-	if err := yaml.Unmarshal([]byte(got), &parsed); err != nil {
-		t.Fatalf("%v\n%s", err, got)
+	cfg := parseEncryptionConfig(t, data)
+	if len(cfg.Resources) != 1 || len(cfg.Resources[0].Providers) != 2 {
+		t.Fatalf("got %+v, want one entry with two providers", cfg)
 	}
-	if len(parsed.Resources) != 1 || len(parsed.Resources[0].Providers) != 2 {
-		t.Fatalf("got %+v, want one entry with two providers", parsed)
+	if got, want := strings.Join(cfg.Resources[0].Resources, ","), "secrets,configmaps"; got != want {
+		t.Errorf("resources: got %s, want %s", got, want)
 	}
-	kms, ok := parsed.Resources[0].Providers[0]["kms"].(map[string]any)
-	if !ok || kms["apiVersion"] != "v2" || kms["name"] != "kms-e2e" || kms["endpoint"] != "unix:///tmp/x/kms.sock" {
-		t.Errorf("first provider: got %v, want kms v2 kms-e2e on unix:///tmp/x/kms.sock", parsed.Resources[0].Providers[0])
+	kms := cfg.Resources[0].Providers[0].KMS
+	if kms == nil || kms.APIVersion != "v2" || kms.Name != "kms-e2e" || kms.Endpoint != "unix:///tmp/x/kms.sock" || kms.Timeout.Duration != 3*time.Second {
+		t.Errorf("first provider: got %+v, want kms v2 kms-e2e on unix:///tmp/x/kms.sock, timeout 3s", cfg.Resources[0].Providers[0])
 	}
-	if _, ok := parsed.Resources[0].Providers[1]["identity"]; !ok {
-		t.Errorf("second provider: got %v, want identity", parsed.Resources[0].Providers[1])
+	if cfg.Resources[0].Providers[1].Identity == nil {
+		t.Errorf("second provider: got %+v, want identity", cfg.Resources[0].Providers[1])
+	}
+}
+
+// TestEncryptionProviders renders the orders the trust tests switch
+// between, each checked by kube-apiserver's own decoder and validation.
+func TestEncryptionProviders(t *testing.T) {
+	c := &Cluster{ProviderName: "a", Resources: []string{"secrets"}}
+	kinds := func(cfg *apiserverapi.EncryptionConfiguration) string {
+		var out []string
+		for _, p := range cfg.Resources[0].Providers {
+			switch {
+			case p.KMS != nil:
+				out = append(out, "kms:"+p.KMS.Name+"@"+p.KMS.Endpoint)
+			case p.AESCBC != nil:
+				out = append(out, "aescbc:"+p.AESCBC.Keys[0].Name)
+			case p.Identity != nil:
+				out = append(out, "identity")
+			default:
+				out = append(out, "?")
+			}
+		}
+		return strings.Join(out, ",")
+	}
+	tests := []struct {
+		name      string
+		providers []EncryptionProvider
+		want      string
+	}{
+		{"renamed provider on the same socket", []EncryptionProvider{KMS("b"), KMS("a"), Identity()}, "kms:b@unix:///s,kms:a@unix:///s,identity"},
+		{"plaintext first", []EncryptionProvider{Identity(), KMS("a")}, "identity,kms:a@unix:///s"},
+		{"aescbc first", []EncryptionProvider{AESCBC("key1"), KMS("a"), Identity()}, "aescbc:key1,kms:a@unix:///s,identity"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			data, err := c.renderEncryptionConfig("/s", tt.providers)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := kinds(parseEncryptionConfig(t, data)); got != tt.want {
+				t.Errorf("providers: got %s, want %s", got, tt.want)
+			}
+		})
+	}
+
+	// The aescbc secret is 32 bytes, and the same in every rendering, so
+	// kms-first-aescbc-second still reads what aescbc-first wrote.
+	first, err := c.renderEncryptionConfig("/s", []EncryptionProvider{AESCBC("key1"), Identity()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := c.renderEncryptionConfig("/s", []EncryptionProvider{KMS("a"), AESCBC("key1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1 := parseEncryptionConfig(t, first).Resources[0].Providers[0].AESCBC.Keys[0].Secret
+	s2 := parseEncryptionConfig(t, second).Resources[0].Providers[1].AESCBC.Keys[0].Secret
+	if key, err := base64.StdEncoding.DecodeString(s1); err != nil || len(key) != 32 {
+		t.Errorf("aescbc secret: %d bytes (%v), want 32", len(key), err)
+	}
+	if s1 != s2 {
+		t.Errorf("aescbc secret changed between renderings")
+	}
+	if _, err := c.renderEncryptionConfig("/s", nil); err == nil {
+		t.Errorf("no providers: want an error")
+	}
+}
+
+// TestSetEncryptionConfig: the file is replaced whole.
+func TestSetEncryptionConfig(t *testing.T) {
+	dir := t.TempDir()
+	a := &APIServer{EncryptionConfig: filepath.Join(dir, "encryption-config.yaml")}
+	for _, content := range []string{"first", "second"} {
+		if err := a.SetEncryptionConfig([]byte(content)); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := os.ReadFile(a.EncryptionConfig); err != nil || string(got) != content {
+			t.Errorf("file: got %q (%v), want %q", got, err, content)
+		}
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Errorf("folder holds %d files, want only the config (no temp file left)", len(ents))
+	}
+}
+
+// TestAPIServerEtcdPrefix: Options.EtcdPrefix reaches every apiserver's
+// flags and the cluster's Layout; the default passes no flag.
+func TestAPIServerEtcdPrefix(t *testing.T) {
+	for _, tt := range []struct {
+		prefix     string
+		wantFlag   string
+		wantLayout string
+	}{
+		{"", "", etcdlayout.DefaultPrefix},
+		{"/custom", "/custom", "/custom"},
+	} {
+		t.Run("prefix "+tt.prefix, func(t *testing.T) {
+			dir := t.TempDir()
+			layout := etcdlayout.Default()
+			if tt.prefix != "" {
+				var err error
+				if layout, err = etcdlayout.New(tt.prefix); err != nil {
+					t.Fatal(err)
+				}
+			}
+			c := &Cluster{
+				Dir: dir, SharedDir: filepath.Join(dir, "shared"), ProviderName: "p", Resources: DefaultResources,
+				Layout: layout, Token: "t", Etcd: &Etcd{Endpoint: "http://127.0.0.1:1"},
+				Plugins: []*Plugin{{Socket: filepath.Join(dir, "kms.sock")}},
+				opts:    Options{EtcdPrefix: tt.prefix},
+			}
+			defer c.Close()
+			if err := os.MkdirAll(c.SharedDir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			a, err := c.newAPIServer(0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := ""
+			for i, arg := range a.baseArgs {
+				if arg == "--etcd-prefix" && i+1 < len(a.baseArgs) {
+					got = a.baseArgs[i+1]
+				}
+			}
+			if got != tt.wantFlag {
+				t.Errorf("--etcd-prefix: got %q, want %q (args %v)", got, tt.wantFlag, a.baseArgs)
+			}
+			if c.Layout.Prefix() != tt.wantLayout {
+				t.Errorf("layout: got %s, want %s", c.Layout, tt.wantLayout)
+			}
+			data, err := os.ReadFile(a.EncryptionConfig)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if kms := parseEncryptionConfig(t, data).Resources[0].Providers[0].KMS; kms == nil || kms.Name != "p" {
+				t.Errorf("written EncryptionConfiguration: first provider %+v, want kms p", kms)
+			}
+		})
 	}
 }
 

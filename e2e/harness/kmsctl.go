@@ -14,7 +14,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // KmsctlConfig is the config file kmsctl uses by default: plugin 0's. Every
@@ -175,11 +175,11 @@ func (c *Cluster) WaitForWriteKey(ctx context.Context, i int, keyID string) erro
 				return fmt.Errorf("canary write: %w", err)
 			}
 		}
-		got, err := c.StoredObject(ctx, "/registry/configmaps/"+CanaryNamespace+"/"+name)
+		got, err := c.StoredObject(ctx, c.Layout.Key("configmaps", CanaryNamespace, name))
 		if err != nil {
 			return err
 		}
-		if got.Stored.Encoding != rotation.EncodingKMSv2 || got.Stored.KeyID != keyID {
+		if got.Stored.Encoding != etcdlayout.EncodingKMSv2 || got.Stored.KeyID != keyID {
 			return fmt.Errorf("canary stored as %s under key_id %q, want kmsv2 under %q", got.Stored.Encoding, got.Stored.KeyID, keyID)
 		}
 		return nil

@@ -107,8 +107,10 @@ func (c *Cluster) pluginConfig(p *Plugin) ([]byte, error) {
 func (c *Cluster) KeysetPath() string { return filepath.Join(c.SharedDir, "keyset.json") }
 
 // Start runs the plugin and waits until its socket exists and /healthz
-// answers 200.
+// answers 200 (at most Options.StartTimeout when ctx has no deadline).
 func (p *Plugin) Start(ctx context.Context) error {
+	ctx, cancel := p.c.startContext(ctx)
+	defer cancel()
 	if err := p.proc.start(); err != nil {
 		return err
 	}

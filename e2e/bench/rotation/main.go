@@ -34,6 +34,7 @@ import (
 
 	"github.com/kms-v2/kms-plugin/e2e/harness"
 	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 func main() {
@@ -271,7 +272,9 @@ func run(cfg config) error {
 				res.cpu[k] = v
 			}
 			res.writers, res.round = w, round
-			cs, err := rotation.TakeCensus(ctx, rotation.EtcdStore{KV: c.Etcd.Client.KV}, []rotation.Resource{mustResource("secrets")}, newKey, rotation.CensusOptions{})
+			cs, err := rotation.TakeCensus(ctx, rotation.Etcd{Store: c.Etcd.Store(), Layout: c.Layout},
+				[]rotation.Resource{mustResource("secrets")},
+				rotation.Writers{"secrets": etcdlayout.KMSv2Writer(c.ProviderName, newKey)}, rotation.CensusOptions{})
 			if err != nil {
 				return err
 			}
