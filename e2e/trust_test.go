@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -19,7 +20,9 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kms-v2/kms-plugin/e2e/harness"
 	"github.com/kms-v2/kms-plugin/rotation"
@@ -161,19 +164,10 @@ func testProviderRename(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	const secrets, configmaps = 200, 50
 	api := c.APIServers[0]
 	key := mustPrimary(t, c)
+	defer restoreEncryption(ctx, t, c, harness.KMS(c.ProviderName), harness.KMS(old), harness.Identity())
 	if err := api.Reconfigure(ctx, harness.KMS(old), harness.KMS(c.ProviderName), harness.Identity()); err != nil {
 		t.Fatal(err)
 	}
-	restored := false
-	defer func() {
-		if !restored {
-			// Leave the cluster readable for the next subtests: a first
-			// keeps everything readable.
-			if err := api.Reconfigure(ctx, harness.KMS(c.ProviderName), harness.KMS(old), harness.Identity()); err != nil {
-				t.Errorf("restore: %v", err)
-			}
-		}
-	}()
 	ns := populate(ctx, t, c, "trust-rename", secrets, configmaps)
 	ours := storedIn(ctx, t, c, ns)
 	for _, o := range ours {
@@ -201,6 +195,14 @@ func testProviderRename(ctx context.Context, t *testing.T, c *harness.Cluster) {
 
 	rep := rotate(ctx, t, c, 0, "--encryption-config", api.EncryptionConfig)
 	t.Logf("rotate: action %s, %d passes, rewrite %s", rep.Action, rep.Passes, rewriteLine(rep))
+	for _, want := range []struct {
+		resource string
+		n        int
+	}{{"secrets", secrets}, {"configmaps", configmaps}} {
+		if st := rep.Rewrite[want.resource]; st == nil || st.Rewritten < int64(want.n) {
+			t.Errorf("rewrite of %s: %+v, want at least %d rewritten", want.resource, st, want.n)
+		}
+	}
 	if rep.CensusAfter == nil {
 		t.Fatal("report has no census after")
 	}
@@ -218,7 +220,6 @@ func testProviderRename(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	if err := api.Reconfigure(ctx, c.DefaultEncryptionProviders()...); err != nil {
 		t.Fatal(err)
 	}
-	restored = true
 	checkPopulated(ctx, t, c, ns, secrets, configmaps)
 }
 
@@ -231,17 +232,10 @@ func testAdopt(ctx context.Context, t *testing.T, c *harness.Cluster, name strin
 	const secrets, configmaps = 200, 20
 	api := c.APIServers[0]
 	key := mustPrimary(t, c)
+	defer restoreEncryption(ctx, t, c, to...)
 	if err := api.Reconfigure(ctx, from...); err != nil {
 		t.Fatal(err)
 	}
-	restored := false
-	defer func() {
-		if !restored {
-			if err := api.Reconfigure(ctx, to...); err != nil {
-				t.Errorf("restore: %v", err)
-			}
-		}
-	}()
 	ns := populate(ctx, t, c, "trust-"+name, secrets, configmaps)
 	wantEncoding := etcdlayout.EncodingPlain
 	if name != "plain" {
@@ -312,7 +306,6 @@ func testAdopt(ctx context.Context, t *testing.T, c *harness.Cluster, name strin
 	if err := api.Reconfigure(ctx, c.DefaultEncryptionProviders()...); err != nil {
 		t.Fatal(err)
 	}
-	restored = true
 	checkWrites(ctx, t, c, ns, w, secrets)
 }
 
@@ -450,6 +443,77 @@ func TestRotationCustomPrefix(t *testing.T) {
 		t.Errorf("census under %s: %+v, want at least the 150 secrets", c.Layout, got)
 	}
 	kmsctlCensus(ctx, t, c, 0, "--resources", "secrets", "--encryption-config", c.APIServers[0].EncryptionConfig)
+}
+
+// restoreEncryption puts apiserver 0 back on the default
+// EncryptionConfiguration unless the subtest already did. A subtest that
+// stopped half way may have left objects that only readers can read (under
+// another provider name, plaintext, aescbc): those are first rewritten
+// under readers, whose first entry must be the cluster's KMS provider, so
+// that the next subtests start from a readable, current cluster whatever
+// went wrong here.
+func restoreEncryption(ctx context.Context, t *testing.T, c *harness.Cluster, readers ...harness.EncryptionProvider) {
+	t.Helper()
+	api := c.APIServers[0]
+	want, err := api.RenderEncryptionConfig(c.DefaultEncryptionProviders()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if have, err := os.ReadFile(api.EncryptionConfig); err == nil && bytes.Equal(have, want) {
+		return
+	}
+	t.Logf("restoring the default EncryptionConfiguration after a failure, through %v", readers)
+	if err := api.Reconfigure(ctx, readers...); err != nil {
+		t.Errorf("restore: %v", err)
+		return
+	}
+	if err := rewriteNotCurrent(ctx, c); err != nil {
+		t.Errorf("restore: %v", err)
+		return
+	}
+	if err := api.Reconfigure(ctx, c.DefaultEncryptionProviders()...); err != nil {
+		t.Errorf("restore: %v", err)
+	}
+}
+
+// rewriteNotCurrent rewrites, through apiserver 0, every secret and
+// configmap etcd does not hold as KMS v2 under the cluster's provider name,
+// with the resourceVersion-only patch kmsctl uses (the apiserver rewrites a
+// value its first provider did not write). It does not use kmsctl, so it
+// works while kmsctl is what is broken.
+func rewriteNotCurrent(ctx context.Context, c *harness.Cluster) error {
+	core := c.APIServers[0].Client.CoreV1()
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for _, r := range []string{"secrets", "configmaps"} {
+		objs, err := c.StoredObjects(ctx, r)
+		if err != nil {
+			return err
+		}
+		for _, o := range objs {
+			if o.Stored.Encoding == etcdlayout.EncodingKMSv2 && o.Stored.Provider == c.ProviderName {
+				continue
+			}
+			k, err := c.Layout.ParseKey(o.Key, r)
+			if err != nil {
+				return err
+			}
+			patch := []byte(fmt.Sprintf(`{"metadata":{"resourceVersion":"%d"}}`, o.ModRevision))
+			g.Go(func() error {
+				var err error
+				if r == "secrets" {
+					_, err = core.Secrets(k.Namespace).Patch(gctx, k.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+				} else {
+					_, err = core.ConfigMaps(k.Namespace).Patch(gctx, k.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+				}
+				if err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
+					return fmt.Errorf("rewrite %s: %w", o.Key, err)
+				}
+				return nil
+			})
+		}
+	}
+	return g.Wait()
 }
 
 // censusArgs are the flags `kmsctl census` needs here: apiserver 0's
