@@ -224,13 +224,9 @@ func (a *APIServer) Canary(ctx context.Context, e Etcd, r Resource) (etcdlayout.
 	}
 	what := fmt.Sprintf("the canary %s kube-system/%s written through %s", r.Name, a.canaryName(), a.URL)
 	key := e.Layout.Key(r.Path, metav1.NamespaceSystem, a.canaryName())
-	proof, err := proveRevision(ctx, e, what, key, rv)
+	proof, kv, err := proveRevision(ctx, e, what, key, rv)
 	if err != nil {
 		return etcdlayout.Writer{}, "", err
-	}
-	kv, _, err := etcdlayout.Get(ctx, e.Store, key)
-	if err != nil {
-		return etcdlayout.Writer{}, "", fmt.Errorf("canary read back: %w", err)
 	}
 	return etcdlayout.WriterOf(etcdlayout.Decode(kv.Value)), proof, nil
 }

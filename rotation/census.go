@@ -1,6 +1,7 @@
 package rotation
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"fmt"
@@ -316,8 +317,9 @@ func KeyReferences(ctx context.Context, e Etcd, keyIDs []string, pageSize int64)
 // plugin, when nothing else says.
 func KMSv2Resources(ctx context.Context, e Etcd) ([]string, error) {
 	seen := map[string]bool{}
+	// The prefix says it; no envelope needs decoding.
 	err := etcdlayout.Scan(ctx, e.Store, e.Layout.All(), 0, func(kv etcdlayout.KeyValue) error {
-		if etcdlayout.Decode(kv.Value).Encoding == etcdlayout.EncodingKMSv2 {
+		if bytes.HasPrefix(kv.Value, []byte(etcdlayout.KMSv2Prefix)) {
 			seen[e.Layout.TopSegment(kv.Key)] = true
 		}
 		return nil

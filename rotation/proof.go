@@ -57,7 +57,7 @@ func ProveEtcd(ctx context.Context, e Etcd, meta metadata.Interface, w Witness) 
 		if err != nil {
 			return "", fmt.Errorf("prove the etcd: read %s through the apiserver: %w", w, err)
 		}
-		proof, err := proveRevision(ctx, e, w.String(), e.Layout.Key(w.Path, w.Namespace, w.Name), obj.ResourceVersion)
+		proof, _, err := proveRevision(ctx, e, w.String(), e.Layout.Key(w.Path, w.Namespace, w.Name), obj.ResourceVersion)
 		if err == nil || !errors.Is(err, errRevisionMoved) {
 			return proof, err
 		}
@@ -71,25 +71,26 @@ func ProveEtcd(ctx context.Context, e Etcd, meta metadata.Interface, w Witness) 
 var errRevisionMoved = errors.New("changed between the reads")
 
 // proveRevision checks that etcd holds key at revision rv, the
-// resourceVersion the apiserver gave what.
-func proveRevision(ctx context.Context, e Etcd, what, key, rv string) (string, error) {
+// resourceVersion the apiserver gave what, and returns the proof and the
+// value it read (so a caller never reads the key twice).
+func proveRevision(ctx context.Context, e Etcd, what, key, rv string) (string, etcdlayout.KeyValue, error) {
 	kv, ok, err := etcdlayout.Get(ctx, e.Store, key)
 	if err != nil {
-		return "", fmt.Errorf("prove the etcd: %w", err)
+		return "", kv, fmt.Errorf("prove the etcd: %w", err)
 	}
 	where := fmt.Sprintf("%s under prefix %s", e.Store.Describe(), e.Layout.Prefix())
 	if !ok {
-		return "", fmt.Errorf("%s has no key %s, yet the apiserver serves %s (resourceVersion %s): it is not this cluster's etcd, or the apiserver runs with another --etcd-prefix; check --etcd-endpoints and --etcd-prefix: %w",
+		return "", kv, fmt.Errorf("%s has no key %s, yet the apiserver serves %s (resourceVersion %s): it is not this cluster's etcd, or the apiserver runs with another --etcd-prefix; check --etcd-endpoints and --etcd-prefix: %w",
 			where, key, what, rv, ErrWrongEtcd)
 	}
 	want, _ := strconv.ParseInt(rv, 10, 64)
 	switch {
 	case kv.ModRevision == want:
-		return fmt.Sprintf("%s read through the apiserver at resourceVersion %s is key %s at mod revision %d in %s", what, rv, key, kv.ModRevision, e.Store.Describe()), nil
+		return fmt.Sprintf("%s read through the apiserver at resourceVersion %s is key %s at mod revision %d in %s", what, rv, key, kv.ModRevision, e.Store.Describe()), kv, nil
 	case kv.ModRevision > want:
-		return "", fmt.Errorf("%s: %w", what, errRevisionMoved)
+		return "", kv, fmt.Errorf("%s: %w", what, errRevisionMoved)
 	}
-	return "", fmt.Errorf("%s holds %s at mod revision %d, but the apiserver serves %s at resourceVersion %s: not the etcd this apiserver stores in; check --etcd-endpoints: %w",
+	return "", kv, fmt.Errorf("%s holds %s at mod revision %d, but the apiserver serves %s at resourceVersion %s: not the etcd this apiserver stores in; check --etcd-endpoints: %w",
 		where, key, kv.ModRevision, what, rv, ErrWrongEtcd)
 }
 
