@@ -50,6 +50,9 @@ func (f *fakeProvider) Decrypt(_ context.Context, s providers.Sealed) ([]byte, e
 
 func (f *fakeProvider) PrimaryKeyID(context.Context) (string, error) { return f.keyID, nil }
 
+// Owns claims every key_id: a fake is the only provider of its service.
+func (f *fakeProvider) Owns(string) bool { return true }
+
 func (f *fakeProvider) Check(context.Context) error {
 	f.checks.Add(1)
 	if f.check != nil {

@@ -46,6 +46,13 @@ type Provider interface {
 	// PrimaryKeyID returns, from cached state and without a remote call, the
 	// key_id Encrypt would stamp right now.
 	PrimaryKeyID(ctx context.Context) (string, error)
+	// Owns reports, from the key_id alone and without a remote call,
+	// whether keyID names a version this provider instance could have made:
+	// its backend prefix and its instance (keyset, token, vault and key).
+	// When one plugin serves several providers it routes each Decrypt to the
+	// one that owns the key_id, so no provider is asked, and no backend
+	// called, about another's ciphertext.
+	Owns(keyID string) bool
 	// Check verifies backend reachability and authorization (and refreshes
 	// cached key state where that is cheap). The plugin runs it in the
 	// background, never on the Status path.

@@ -119,6 +119,58 @@ func TestWrongSecretIsPermissionDenied(t *testing.T) {
 	}
 }
 
+// Secret and certificate files are refused, before any call, when other
+// local users could read them: the credential in them would be given away.
+func TestSecretFilesMustBePrivate(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	secret := func(path string) Auth {
+		return Auth{Mode: AuthClientSecret, TenantID: "t", ClientID: "c", ClientSecretFile: path}
+	}
+	cert := func(path string) Auth {
+		return Auth{Mode: AuthClientCertificate, TenantID: "t", ClientID: "c", ClientCertificateFile: path}
+	}
+	cases := []struct {
+		name string
+		auth Auth
+		want []string // in the one-line error
+	}{
+		{"WorldReadableSecret", secret(write("secret-644", testSecret, 0o644)), []string{"auth.clientSecretFile", "mode 0644", "chmod 600"}},
+		{"GroupReadableSecret", secret(write("secret-640", testSecret, 0o640)), []string{"auth.clientSecretFile", "chmod 600"}},
+		{"EmptySecret", secret(write("secret-empty", "\n", 0o600)), []string{"auth.clientSecretFile", "empty"}},
+		{"WorldReadableCertificate", cert(write("cert-644", "-----BEGIN CERTIFICATE-----", 0o644)), []string{"auth.clientCertificateFile", "chmod 600"}},
+		{"PrivateButNotACertificate", cert(write("cert-600", "not pem", 0o600)), []string{"auth.clientCertificateFile", "want PEM"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := validConfig()
+			cfg.VaultURL = "https://127.0.0.1:1/" // never reached: the files are refused first
+			cfg.Auth = tc.auth
+			_, err := New(ctxT(t), cfg, testLogger(t))
+			if err == nil {
+				t.Fatal("New succeeded")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("New: got %q, want it to contain %q", err, w)
+				}
+			}
+			if strings.Contains(err.Error(), "\n") || strings.Contains(err.Error(), testSecret) {
+				t.Errorf("New: error %q spans lines or shows the secret", err)
+			}
+		})
+	}
+}
+
 func TestWorkloadIdentity(t *testing.T) {
 	e := startEmulator(t, emulator.Options{})
 	tokenFile := filepath.Join(t.TempDir(), "sa-token")

@@ -15,6 +15,8 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
+
+	"github.com/kms-v2/kms-plugin/providers"
 )
 
 // retryOptions fit every Key Vault call, retries included, inside the
@@ -96,9 +98,9 @@ func newCredential(a Auth, opts azcore.ClientOptions) (azcore.TokenCredential, e
 		return azidentity.NewClientSecretCredential(a.TenantID, a.ClientID, secret,
 			&azidentity.ClientSecretCredentialOptions{ClientOptions: opts, DisableInstanceDiscovery: noDiscovery})
 	case AuthClientCertificate:
-		data, err := os.ReadFile(a.ClientCertificateFile)
+		data, err := providers.ReadSecretFile("auth.clientCertificateFile", a.ClientCertificateFile)
 		if err != nil {
-			return nil, fmt.Errorf("azurekv: auth.clientCertificateFile: %w", err)
+			return nil, fmt.Errorf("azurekv: %w", err)
 		}
 		certs, key, err := azidentity.ParseCertificates(data, nil)
 		if err != nil {
@@ -125,16 +127,12 @@ func newCredential(a Auth, opts azcore.ClientOptions) (azcore.TokenCredential, e
 	return nil, fmt.Errorf("azurekv: auth.mode %q not supported", a.Mode)
 }
 
-// readSecretFile reads a secret, trimming the newline editors and
-// `kubectl create secret --from-file` leave behind.
+// readSecretFile reads a secret that only its owner may read, trimming the
+// newline editors and `kubectl create secret --from-file` leave behind.
 func readSecretFile(field, path string) (string, error) {
-	b, err := os.ReadFile(path)
+	b, err := providers.ReadSecretFile(field, path)
 	if err != nil {
-		return "", fmt.Errorf("azurekv: %s: %w", field, err)
+		return "", fmt.Errorf("azurekv: %w", err)
 	}
-	s := strings.TrimSpace(string(b))
-	if s == "" {
-		return "", fmt.Errorf("azurekv: %s %s: empty", field, path)
-	}
-	return s, nil
+	return strings.TrimSpace(string(b)), nil
 }

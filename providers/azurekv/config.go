@@ -83,7 +83,9 @@ type Config struct {
 
 // Auth is the Entra ID identity of the plugin. Secrets and certificates
 // come only from files, never inline, so the config file can be world
-// readable and the secret rotated by replacing a file.
+// readable and the secret rotated by replacing a file. Those files must be
+// readable by their owner only, like the pkcs11 PIN file: a credential
+// other local users can read is a credential given away.
 type Auth struct {
 	// Mode is workloadIdentity, managedIdentity, clientSecret,
 	// clientCertificate or default.

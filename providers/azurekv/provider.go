@@ -39,12 +39,10 @@ type Provider struct {
 	host   string
 	alg    azkeys.EncryptionAlgorithm
 
-	state   atomic.Pointer[state]
-	seq     atomic.Uint64 // orders lists, see publish
+	keys    *providers.KeyCache[*state]
 	breaker *breaker
 	cache   *unwrapCache
 	unwraps singleflight.Group
-	refresh singleflight.Group
 	warned  sync.Once
 	closed  atomic.Bool
 }
@@ -69,8 +67,8 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Provider, error
 		}
 		return nil, err
 	}
-	if st := p.state.Load(); st.primary == nil {
-		return nil, fmt.Errorf("azurekv: %s: %w", st.reason, providers.ErrKeyNotFound)
+	if _, err := p.primary(); err != nil {
+		return nil, fmt.Errorf("azurekv: %w", err)
 	}
 	if err := p.Check(ctx); err != nil {
 		return nil, err
@@ -90,7 +88,7 @@ func Init(ctx context.Context, cfg Config, logger hclog.Logger) (providers.KeyVe
 	err = p.Refresh(ctx)
 	switch {
 	case err == nil:
-		n := len(p.state.Load().ordered)
+		n := len(p.current().ordered)
 		return providers.KeyVersion{}, fmt.Errorf("azurekv: init: key %s already has %d version(s); see `kmsctl keys list`: %w", cfg.KeyName, n, providers.ErrRefused)
 	case !errors.Is(err, providers.ErrKeyNotFound):
 		return providers.KeyVersion{}, err
@@ -143,6 +141,7 @@ func open(cfg Config, logger hclog.Logger) (*Provider, error) {
 		cfg: cfg, log: logger.Named("azurekv"), client: client, hc: hc,
 		host: vaultHost(u.Host), alg: alg, cache: newUnwrapCache(size, ttl),
 	}
+	p.keys = providers.NewKeyCache(p.load, p.published)
 	p.breaker = newBreaker(func(open bool, until time.Time, cause error) {
 		if open {
 			p.log.Warn("circuit open: failing Key Vault calls fast", "until", until.Format(time.RFC3339), "cause", cause)
@@ -170,13 +169,12 @@ func (p *Provider) Encrypt(ctx context.Context, plaintext []byte) (providers.Sea
 	if len(plaintext) != providers.SeedSize {
 		return providers.Sealed{}, fmt.Errorf("azurekv: encrypt: plaintext is %d bytes, want the apiserver's %d-byte seed: %w", len(plaintext), providers.SeedSize, providers.ErrInvalidInput)
 	}
-	st := p.state.Load()
-	v := st.primary
-	if v == nil {
-		return providers.Sealed{}, fmt.Errorf("azurekv: encrypt: %s: %w", st.reason, providers.ErrKeyNotFound)
+	v, err := p.primary()
+	if err != nil {
+		return providers.Sealed{}, fmt.Errorf("azurekv: encrypt: %w", err)
 	}
 	var resp azkeys.WrapKeyResponse
-	err := p.call(opWrap, p.cfg.KeyName+"/"+v.id, func() (err error) {
+	err = p.call(opWrap, p.cfg.KeyName+"/"+v.id, func() (err error) {
 		resp, err = p.client.WrapKey(ctx, p.cfg.KeyName, v.id, azkeys.KeyOperationParameters{Algorithm: &p.alg, Value: plaintext}, nil)
 		return err
 	})
@@ -283,58 +281,66 @@ func (p *Provider) parseKeyID(keyID string) (string, error) {
 // version made by Key Vault's rotation policy or by another instance's
 // `kmsctl` reaches this instance before the next background refresh.
 func (p *Provider) lookup(ctx context.Context, id string) (*version, error) {
-	start := time.Now()
-	st := p.state.Load()
-	if v := st.versions[id]; v != nil {
-		return v, nil
-	}
-	// A burst of misses shares one list through singleflight; if the shared
-	// list began before this call, it may predate the version, so list
-	// once more.
-	if err := p.Refresh(ctx); err != nil {
+	v, ok, err := providers.LookupVersion(ctx, p.keys, func(st *state) (*version, bool) {
+		v := st.versions[id]
+		return v, v != nil
+	})
+	switch {
+	case err != nil:
 		return nil, fmt.Errorf("azurekv: decrypt: version %s unknown and refresh failed: %w", id, err)
+	case !ok:
+		return nil, fmt.Errorf("azurekv: decrypt: key %s has no version %s: %w", p.cfg.KeyName, id, providers.ErrKeyNotFound)
 	}
-	st = p.state.Load()
-	if v := st.versions[id]; v != nil {
-		return v, nil
+	return v, nil
+}
+
+// Owns reports whether keyID names a version of this vault's key, from the
+// key_id alone.
+func (p *Provider) Owns(keyID string) bool {
+	_, err := p.parseKeyID(keyID)
+	return err == nil
+}
+
+// current is the snapshot in use; nil only before the first list
+// succeeded, which New and every lifecycle operation wait for.
+func (p *Provider) current() *state {
+	st, _ := p.keys.Current()
+	return st
+}
+
+// primary returns the cached primary version, or why there is none.
+func (p *Provider) primary() (*version, error) {
+	st, err := p.keys.Current()
+	switch {
+	case err != nil:
+		return nil, err
+	case st.primary == nil:
+		return nil, fmt.Errorf("%s: %w", st.reason, providers.ErrKeyNotFound)
 	}
-	if st.fetched.Before(start) {
-		if err := p.reload(ctx); err != nil {
-			return nil, fmt.Errorf("azurekv: decrypt: version %s unknown and refresh failed: %w", id, err)
-		}
-		if v := p.state.Load().versions[id]; v != nil {
-			return v, nil
-		}
-	}
-	return nil, fmt.Errorf("azurekv: decrypt: key %s has no version %s: %w", p.cfg.KeyName, id, providers.ErrKeyNotFound)
+	return st.primary, nil
 }
 
 // PrimaryKeyID returns the key_id Encrypt would stamp now, from cached
 // state.
 func (p *Provider) PrimaryKeyID(context.Context) (string, error) {
-	st := p.state.Load()
-	if st == nil || st.primary == nil {
-		reason := "key state not loaded"
-		if st != nil {
-			reason = st.reason
-		}
-		return "", fmt.Errorf("azurekv: primary: %s: %w", reason, providers.ErrKeyNotFound)
+	v, err := p.primary()
+	if err != nil {
+		return "", fmt.Errorf("azurekv: primary: %w", err)
 	}
-	return st.primary.keyID, nil
+	return v.keyID, nil
 }
 
 // Refresh reloads the version list (attributes and tags) and re-chooses the
 // primary. The plugin calls it every few seconds; concurrent calls share
-// one list.
+// one list. Lifecycle operations use p.keys.Reload instead, which lists
+// itself: they must see their own write.
 func (p *Provider) Refresh(ctx context.Context) error {
-	_, err, _ := p.refresh.Do("", func() (any, error) { return nil, p.reload(ctx) })
-	return err
+	return p.keys.Refresh(ctx)
 }
 
-// reload lists the versions itself, never joining a list already in flight:
-// lifecycle operations call it after a write and must see that write.
-func (p *Provider) reload(ctx context.Context) error {
-	seq, started := p.seq.Add(1), time.Now()
+// load is the KeyCache's load: one list of the key's versions.
+func (p *Provider) load(ctx context.Context) (*state, error) {
+	started := time.Now()
 	var props []*azkeys.KeyProperties
 	err := p.call(opList, p.cfg.KeyName, func() error {
 		pager := p.client.NewListKeyPropertiesVersionsPager(p.cfg.KeyName, nil)
@@ -348,43 +354,28 @@ func (p *Provider) reload(ctx context.Context) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if len(props) == 0 {
-		return fmt.Errorf("azurekv: list versions %s: no versions: %w", p.cfg.KeyName, providers.ErrKeyNotFound)
+		return nil, fmt.Errorf("azurekv: list versions %s: no versions: %w", p.cfg.KeyName, providers.ErrKeyNotFound)
 	}
-	st := newState(p.host, p.cfg.KeyName, p.cfg.KeyVersion, props, started)
-	st.seq = seq
-	p.publish(st)
-	return nil
+	return newState(p.host, p.cfg.KeyName, p.cfg.KeyVersion, props, started), nil
 }
 
-// publish installs st unless a list that started later already published
-// (a slow background list must not undo a promote seen by a newer one), and
-// logs primary changes.
-func (p *Provider) publish(st *state) {
-	for {
-		old := p.state.Load()
-		if old != nil && old.seq > st.seq {
-			return
-		}
-		if !p.state.CompareAndSwap(old, st) {
-			continue
-		}
-		var was, now string
-		if old != nil && old.primary != nil {
-			was = old.primary.keyID
-		}
-		if st.primary != nil {
-			now = st.primary.keyID
-		}
-		if was != now {
-			p.log.Info("primary key version changed", "from", was, "to", now, "key_id_hash", providers.HashKeyID(now))
-		}
-		if st.reason != "" && (old == nil || old.reason != st.reason) {
-			p.log.Warn("primary key version problem", "reason", st.reason)
-		}
-		return
+// published logs primary changes and problems when a list is installed.
+func (p *Provider) published(old, st *state) {
+	var was, now string
+	if old != nil && old.primary != nil {
+		was = old.primary.keyID
+	}
+	if st.primary != nil {
+		now = st.primary.keyID
+	}
+	if was != now {
+		p.log.Info("primary key version changed", "from", was, "to", now, "key_id_hash", providers.HashKeyID(now))
+	}
+	if st.reason != "" && (old == nil || old.reason != st.reason) {
+		p.log.Warn("primary key version problem", "reason", st.reason)
 	}
 }
 
@@ -392,17 +383,12 @@ func (p *Provider) publish(st *state) {
 // and verifies it can wrap and unwrap. It also logs the pre-flight warnings
 // (purgeable or exportable key) the first time it succeeds.
 func (p *Provider) Check(ctx context.Context) error {
-	st := p.state.Load()
-	if st == nil || st.primary == nil {
-		reason := "key state not loaded"
-		if st != nil {
-			reason = st.reason
-		}
-		return fmt.Errorf("azurekv: check: %s: %w", reason, providers.ErrKeyNotFound)
+	v, err := p.primary()
+	if err != nil {
+		return fmt.Errorf("azurekv: check: %w", err)
 	}
-	v := st.primary
 	var resp azkeys.GetKeyResponse
-	err := p.call(opGet, p.cfg.KeyName+"/"+v.id, func() (err error) {
+	err = p.call(opGet, p.cfg.KeyName+"/"+v.id, func() (err error) {
 		resp, err = p.client.GetKey(ctx, p.cfg.KeyName, v.id, nil)
 		return err
 	})
@@ -430,7 +416,7 @@ func (p *Provider) preflight(a *azkeys.KeyAttributes) {
 			"key", p.cfg.KeyName, "recovery_level", *a.RecoveryLevel)
 	}
 	exportable := a.Exportable != nil && *a.Exportable
-	for _, v := range p.state.Load().ordered {
+	for _, v := range p.current().ordered {
 		exportable = exportable || v.exportable
 	}
 	if exportable {

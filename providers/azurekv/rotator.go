@@ -13,10 +13,10 @@ import (
 
 // Versions lists the key's versions, oldest first, from a fresh list.
 func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error) {
-	if err := p.reload(ctx); err != nil {
+	if err := p.keys.Reload(ctx); err != nil {
 		return nil, err
 	}
-	return p.state.Load().keyVersions(), nil
+	return p.current().keyVersions(), nil
 }
 
 // CreateVersion adds an enabled version that is not primary. Without a
@@ -26,10 +26,10 @@ func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error)
 // policy then only adds versions for `kmsctl keys promote`). The new
 // version copies the primary's key type and size.
 func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, error) {
-	if err := p.reload(ctx); err != nil {
+	if err := p.keys.Reload(ctx); err != nil {
 		return providers.KeyVersion{}, err
 	}
-	st := p.state.Load()
+	st := p.current()
 	if st.primary == nil {
 		return providers.KeyVersion{}, fmt.Errorf("azurekv: create version: %s: %w", st.reason, providers.ErrRefused)
 	}
@@ -60,7 +60,7 @@ func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, err
 	if err != nil {
 		return providers.KeyVersion{}, err
 	}
-	if err := p.reload(ctx); err != nil {
+	if err := p.keys.Reload(ctx); err != nil {
 		return providers.KeyVersion{}, err
 	}
 	if now, _ := p.PrimaryKeyID(ctx); now == v.KeyID {
@@ -90,14 +90,14 @@ func (p *Provider) Promote(ctx context.Context, keyID string) error {
 			return fmt.Errorf("azurekv: promote %s: %w", keyID, err)
 		}
 	}
-	for _, o := range p.state.Load().ordered {
+	for _, o := range p.current().ordered {
 		if o.id != v.id && o.tags[PrimaryTag] != "" {
 			if err := p.setTag(ctx, o, false); err != nil {
 				return fmt.Errorf("azurekv: promote %s: untagging %s: %w", keyID, o.keyID, err)
 			}
 		}
 	}
-	if err := p.reload(ctx); err != nil {
+	if err := p.keys.Reload(ctx); err != nil {
 		return err
 	}
 	if got, _ := p.PrimaryKeyID(ctx); got != keyID {
@@ -114,7 +114,7 @@ func (p *Provider) Disable(ctx context.Context, keyID string) error {
 	if err != nil {
 		return err
 	}
-	if cur := p.state.Load().primary; cur != nil && cur.id == v.id {
+	if cur := p.current().primary; cur != nil && cur.id == v.id {
 		return fmt.Errorf("azurekv: disable %s: it is the primary; promote another version first: %w", keyID, providers.ErrRefused)
 	}
 	return p.setEnabled(ctx, v, false)
@@ -136,10 +136,10 @@ func (p *Provider) fresh(ctx context.Context, keyID string) (*version, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := p.reload(ctx); err != nil {
+	if err := p.keys.Reload(ctx); err != nil {
 		return nil, err
 	}
-	v := p.state.Load().versions[id]
+	v := p.current().versions[id]
 	if v == nil {
 		return nil, fmt.Errorf("azurekv: key %s has no version %s: %w", p.cfg.KeyName, id, providers.ErrKeyNotFound)
 	}
@@ -157,7 +157,7 @@ func (p *Provider) setEnabled(ctx context.Context, v *version, enabled bool) err
 		return err
 	}
 	p.log.Info("key version state changed", "key_id", v.keyID, "enabled", enabled)
-	return p.reload(ctx)
+	return p.keys.Reload(ctx)
 }
 
 // setTag adds or removes PrimaryTag on v, keeping its other tags (an

@@ -46,8 +46,6 @@ type state struct {
 	primary  *version   // nil when no version can encrypt
 	reason   string     // why primary is nil, for errors
 	tagMode  bool       // some version carries a valid PrimaryTag
-	fetched  time.Time  // when the list behind it started
-	seq      uint64     // order of that list among this process's lists
 }
 
 // newState builds a snapshot from listed versions and chooses the primary:
@@ -61,7 +59,7 @@ type state struct {
 //
 // "Can encrypt" means enabled and inside its nbf/exp window.
 func newState(host, keyName, pinned string, props []*azkeys.KeyProperties, now time.Time) *state {
-	s := &state{versions: map[string]*version{}, fetched: now}
+	s := &state{versions: map[string]*version{}}
 	for _, p := range props {
 		if p == nil || p.KID == nil {
 			continue
@@ -143,18 +141,9 @@ func newState(host, keyName, pinned string, props []*azkeys.KeyProperties, now t
 
 // keyVersions lists versions oldest first with their lifecycle state.
 func (s *state) keyVersions() []providers.KeyVersion {
-	out := make([]providers.KeyVersion, 0, len(s.ordered))
-	for _, v := range s.ordered {
-		st := providers.StateDisabled
-		switch {
-		case v == s.primary:
-			st = providers.StatePrimary
-		case v.enabled:
-			st = providers.StateEnabled
-		}
-		out = append(out, providers.KeyVersion{KeyID: v.keyID, State: st, Created: v.created})
-	}
-	return out
+	return providers.ListVersions(s.ordered, s.primary, func(v *version) (string, bool, time.Time) {
+		return v.keyID, v.enabled, v.created
+	})
 }
 
 // formatKeyID builds azurekv:<vault host>/<key>/<version>.

@@ -12,7 +12,6 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
-	"github.com/hashicorp/go-hclog"
 	"sigs.k8s.io/yaml"
 
 	"github.com/kms-v2/kms-plugin/e2e/keyvault-emulator/emulator"
@@ -295,20 +294,6 @@ func TestManyVersionsArePaged(t *testing.T) {
 	}
 	if len(vs) != 30 || vs[29].State != providers.StatePrimary {
 		t.Fatalf("Versions: %d versions, last %+v; want 30 with the newest primary", len(vs), vs[len(vs)-1])
-	}
-}
-
-// A slow list that started before a newer one must not overwrite it, or a
-// background refresh could undo a promote for one interval.
-func TestOlderListDoesNotOverwriteNewer(t *testing.T) {
-	p := &Provider{log: hclog.NewNullLogger()}
-	older := newState("h", "k", "", []*azkeys.KeyProperties{props("a", 1, true, nil)}, time.Now())
-	newer := newState("h", "k", "", []*azkeys.KeyProperties{props("a", 1, true, nil), props("b", 2, true, nil)}, time.Now())
-	older.seq, newer.seq = 1, 2
-	p.publish(newer)
-	p.publish(older)
-	if got, _ := p.PrimaryKeyID(context.Background()); got != "azurekv:h/k/b" {
-		t.Fatalf("primary = %q after a stale publish, want the newer list's azurekv:h/k/b", got)
 	}
 }
 

@@ -12,8 +12,8 @@
 // associated data, so a ciphertext cannot be replayed under another key_id.
 //
 // A Provider is safe for concurrent use. Its state is an immutable snapshot
-// swapped atomically, so Encrypt reads the primary key and its key_id from
-// one snapshot and never races a concurrent promote.
+// held in a providers.KeyCache, so Encrypt reads the primary key and its
+// key_id from one snapshot and never races a concurrent promote.
 package file
 
 import (
@@ -26,8 +26,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -64,10 +62,7 @@ var newAEAD = func(key []byte) (cipher.AEAD, error) {
 type Provider struct {
 	path   string
 	logger hclog.Logger
-	state  atomic.Pointer[state]
-	// reload serializes refreshes so a burst of unknown key_ids reads the
-	// file once.
-	reload sync.Mutex
+	keys   *providers.KeyCache[*state]
 }
 
 // state is one immutable snapshot of the keyset.
@@ -96,7 +91,7 @@ var (
 // New opens the keyset file named by cfg. It fails when the file is missing
 // (create it with `kmsctl keys init`), readable by group or others, or not a
 // valid keyset.
-func New(_ context.Context, cfg Config, logger hclog.Logger) (*Provider, error) {
+func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Provider, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("file provider: %w", err)
 	}
@@ -104,16 +99,10 @@ func New(_ context.Context, cfg Config, logger hclog.Logger) (*Provider, error) 
 		logger = hclog.NewNullLogger()
 	}
 	p := &Provider{path: cfg.Path, logger: logger.Named("file")}
-	l, err := readKeyset(cfg.Path)
-	if err != nil {
+	p.keys = providers.NewKeyCache(p.load, p.published)
+	if err := p.keys.Reload(ctx); err != nil {
 		return nil, fmt.Errorf("file provider: %w", err)
 	}
-	st, err := buildState(l)
-	if err != nil {
-		return nil, fmt.Errorf("file provider: keyset %s: %w", cfg.Path, err)
-	}
-	p.state.Store(st)
-	p.logger.Info("keyset loaded", "path", cfg.Path, "primary_key_id", st.primary.keyID, "versions", len(st.order))
 	return p, nil
 }
 
@@ -215,7 +204,7 @@ func (p *Provider) Encrypt(_ context.Context, plaintext []byte) (providers.Seale
 	if len(plaintext) != providers.SeedSize {
 		return providers.Sealed{}, fmt.Errorf("encrypt: plaintext is %d bytes, want %d: %w", len(plaintext), providers.SeedSize, providers.ErrInvalidInput)
 	}
-	k := p.state.Load().primary
+	k := p.current().primary
 	out := make([]byte, 1, 1+12+len(plaintext)+16)
 	out[0] = formatV1
 	out = k.aead.Seal(out, nil, plaintext, []byte(k.keyID))
@@ -238,7 +227,9 @@ func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, err
 	return pt, nil
 }
 
-// lookup finds an enabled key by key_id, refreshing once on a miss.
+// lookup finds an enabled key by key_id, refreshing once on a miss. A
+// refresh that fails is logged and the key_id reported unknown: the
+// background check reports the file's problem.
 func (p *Provider) lookup(ctx context.Context, id string) (*keyEntry, error) {
 	kid, err := providers.ParseKeyID(id)
 	if err != nil {
@@ -247,12 +238,12 @@ func (p *Provider) lookup(ctx context.Context, id string) (*keyEntry, error) {
 	if kid.Backend != Backend {
 		return nil, fmt.Errorf("key_id %s belongs to backend %q, not %q: %w", id, kid.Backend, Backend, providers.ErrKeyNotFound)
 	}
-	k, ok := p.state.Load().keys[id]
-	if !ok {
-		if err := p.Refresh(ctx); err != nil {
-			p.logger.Warn("refresh after unknown key_id failed", "key_id", id, "error", err)
-		}
-		k, ok = p.state.Load().keys[id]
+	k, ok, err := providers.LookupVersion(ctx, p.keys, func(st *state) (*keyEntry, bool) {
+		k, ok := st.keys[id]
+		return k, ok
+	})
+	if err != nil {
+		p.logger.Warn("refresh after unknown key_id failed", "key_id", id, "error", err)
 	}
 	if !ok {
 		return nil, fmt.Errorf("%s: %w", id, providers.ErrKeyNotFound)
@@ -265,7 +256,33 @@ func (p *Provider) lookup(ctx context.Context, id string) (*keyEntry, error) {
 
 // PrimaryKeyID returns the primary's key_id from the current snapshot.
 func (p *Provider) PrimaryKeyID(context.Context) (string, error) {
-	return p.state.Load().primary.keyID, nil
+	return p.current().primary.keyID, nil
+}
+
+// current is the snapshot in use. New loads one before it returns, and a
+// failed load keeps the previous one, so there always is one.
+func (p *Provider) current() *state {
+	st, _ := p.keys.Current()
+	return st
+}
+
+// Owns reports whether keyID names a version of this keyset: backend "file"
+// and the loaded keyset's name, which is chosen at init and never changes.
+func (p *Provider) Owns(keyID string) bool {
+	name, ok := keysetOf(keyID)
+	return ok && name == p.current().name
+}
+
+// keysetOf returns the keyset name of a key_id of the form
+// "file:<keyset name>/<tink key id>", the form keyID builds.
+func keysetOf(keyID string) (string, bool) {
+	kid, err := providers.ParseKeyID(keyID)
+	if err != nil || kid.Backend != Backend {
+		return "", false
+	}
+	name, id, ok := strings.Cut(kid.Name, "/")
+	n, err := strconv.ParseUint(id, 10, 32)
+	return name, ok && err == nil && idString(uint32(n)) == id
 }
 
 // Check reports whether the keyset file is still present, private and
@@ -274,65 +291,73 @@ func (p *Provider) Check(ctx context.Context) error {
 	return p.Refresh(ctx)
 }
 
-// Refresh reloads the keyset when the file changed since the last load. On
-// error the previous snapshot stays in use.
-func (p *Provider) Refresh(context.Context) error {
-	p.reload.Lock()
-	defer p.reload.Unlock()
+// Refresh reloads the keyset when the file changed since the last load;
+// concurrent calls share one read. On error the previous snapshot stays in
+// use.
+func (p *Provider) Refresh(ctx context.Context) error {
+	if err := p.keys.Refresh(ctx); err != nil {
+		return fmt.Errorf("refresh: %w", err)
+	}
+	return nil
+}
+
+// load is the KeyCache's load: it checks the file is still present and
+// private on every call (a chmod does not change the stamp), and parses it
+// only when it changed.
+func (p *Provider) load(context.Context) (*state, error) {
 	fi, err := os.Stat(p.path)
 	if err != nil {
-		return fmt.Errorf("refresh: %w: %w", err, providers.ErrUnavailable)
+		return nil, fmt.Errorf("%w: %w", openError(p.path, err), providers.ErrUnavailable)
 	}
-	if err := checkMode(p.path, fi); err != nil {
-		return fmt.Errorf("refresh: %w: %w", err, providers.ErrPermissionDenied)
+	if err := providers.CheckPrivate(pathField, p.path, fi); err != nil {
+		return nil, fmt.Errorf("%w: %w", err, providers.ErrPermissionDenied)
 	}
-	old := p.state.Load()
-	if stampOf(fi) == old.stamp {
-		return nil
+	old, _ := p.keys.Current()
+	if old != nil && stampOf(fi) == old.stamp {
+		return old, nil
 	}
 	l, err := readKeyset(p.path)
 	if err != nil {
-		return fmt.Errorf("refresh: %w: %w", err, providers.ErrUnavailable)
+		return nil, fmt.Errorf("%w: %w", err, providers.ErrUnavailable)
 	}
 	st, err := buildState(l)
 	if err != nil {
-		return fmt.Errorf("refresh: keyset %s: %w: %w", p.path, err, providers.ErrUnavailable)
+		return nil, fmt.Errorf("keyset %s: %w: %w", p.path, err, providers.ErrUnavailable)
 	}
-	if st.name != old.name {
+	if old != nil && st.name != old.name {
 		// A different keyset under the same path would make every existing
 		// key_id unknown; keep serving the one we have and say so.
-		return fmt.Errorf("refresh: keyset %s now has name %q, was %q; refusing to switch keysets under a running plugin: %w", p.path, st.name, old.name, providers.ErrRefused)
+		return nil, fmt.Errorf("keyset %s now has name %q, was %q; refusing to switch keysets under a running plugin: %w", p.path, st.name, old.name, providers.ErrRefused)
 	}
-	p.state.Store(st)
-	if st.primary.keyID != old.primary.keyID {
+	return st, nil
+}
+
+// published logs what a load changed.
+func (p *Provider) published(old, st *state) {
+	switch {
+	case old == nil:
+		p.logger.Info("keyset loaded", "path", p.path, "primary_key_id", st.primary.keyID, "versions", len(st.order))
+	case old == st:
+	case st.primary.keyID != old.primary.keyID:
 		p.logger.Info("primary key changed", "old_key_id", old.primary.keyID, "new_key_id", st.primary.keyID)
-	} else {
+	default:
 		p.logger.Debug("keyset reloaded", "versions", len(st.order))
 	}
-	return nil
 }
 
 // Close releases nothing: the provider holds no open files.
 func (p *Provider) Close() error { return nil }
 
-// Versions lists every key version, oldest first.
+// Versions lists every key version, oldest first, as the file holds them
+// now.
 func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error) {
-	if err := p.Refresh(ctx); err != nil {
-		return nil, fmt.Errorf("versions: %w", err)
+	if err := p.keys.Reload(ctx); err != nil {
+		return nil, fmt.Errorf("versions: refresh: %w", err)
 	}
-	st := p.state.Load()
-	out := make([]providers.KeyVersion, 0, len(st.order))
-	for _, k := range st.order {
-		v := providers.KeyVersion{KeyID: k.keyID, Created: k.created, State: providers.StateDisabled}
-		switch {
-		case k == st.primary:
-			v.State = providers.StatePrimary
-		case k.enabled:
-			v.State = providers.StateEnabled
-		}
-		out = append(out, v)
-	}
-	return out, nil
+	st := p.current()
+	return providers.ListVersions(st.order, st.primary, func(k *keyEntry) (string, bool, time.Time) {
+		return k.keyID, k.enabled, k.created
+	}), nil
 }
 
 // CreateVersion adds an enabled, non-primary AES-256-GCM key.
@@ -436,7 +461,9 @@ func (p *Provider) modify(ctx context.Context, op string, change func(*document,
 	if err := writeAtomic(p.path, data); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if err := p.Refresh(ctx); err != nil {
+	// Reload, not Refresh: a refresh already in flight may have read the
+	// file before this write.
+	if err := p.keys.Reload(ctx); err != nil {
 		return fmt.Errorf("%s: written, but reloading failed: %w", op, err)
 	}
 	return nil

@@ -14,6 +14,8 @@ import (
 
 	"github.com/tink-crypto/tink-go/v2/insecurecleartextkeyset"
 	"github.com/tink-crypto/tink-go/v2/keyset"
+
+	"github.com/kms-v2/kms-plugin/providers"
 )
 
 // document is the keyset file: a Tink keyset (key material, key IDs, status,
@@ -53,32 +55,30 @@ func stampOf(fi fs.FileInfo) fileStamp {
 	return st
 }
 
-// checkMode refuses a keyset that other users could read.
-func checkMode(path string, fi fs.FileInfo) error {
-	if fi.Mode().Perm()&0o077 != 0 {
-		return fmt.Errorf("keyset %s has mode %#o, readable by group or others; run chmod 600 %s", path, fi.Mode().Perm(), path)
+// pathField names the configuration field of the keyset file in errors.
+const pathField = "file.path"
+
+// openError says how to fix a keyset file that cannot be opened.
+func openError(path string, err error) error {
+	if os.IsNotExist(err) {
+		return fmt.Errorf("keyset %s does not exist; create it with `kmsctl keys init --config FILE`", path)
 	}
-	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("keyset %s is not a regular file", path)
-	}
-	return nil
+	return err
 }
 
-// readKeyset loads and checks the keyset file.
+// readKeyset loads the keyset file, refusing one that other users could
+// read: it holds key material unencrypted.
 func readKeyset(path string) (*loaded, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		if os.IsNotExist(err) {
-			return nil, fmt.Errorf("keyset %s does not exist; create it with `kmsctl keys init --config FILE`", path)
-		}
-		return nil, err
+		return nil, openError(path, err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
 		return nil, err
 	}
-	if err := checkMode(path, fi); err != nil {
+	if err := providers.CheckPrivate(pathField, path, fi); err != nil {
 		return nil, err
 	}
 	var buf bytes.Buffer

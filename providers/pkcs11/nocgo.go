@@ -46,6 +46,9 @@ func (p *Provider) Decrypt(context.Context, providers.Sealed) ([]byte, error) { 
 // PrimaryKeyID fails: see errNoCgo.
 func (p *Provider) PrimaryKeyID(context.Context) (string, error) { return "", errNoCgo }
 
+// Owns is false: this build cannot make or read any version.
+func (p *Provider) Owns(string) bool { return false }
+
 // Check fails: see errNoCgo.
 func (p *Provider) Check(context.Context) error { return errNoCgo }
 

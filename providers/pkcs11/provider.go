@@ -7,16 +7,13 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/miekg/pkcs11"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/kms-v2/kms-plugin/providers"
 )
@@ -29,8 +26,7 @@ type Provider struct {
 	tok    *token
 	logger hclog.Logger
 
-	state   atomic.Pointer[state]
-	refresh singleflight.Group
+	keys *providers.KeyCache[*state]
 	// adminMu serializes this process's read-modify-write of the state
 	// object (create, promote). Across processes the operator runs one
 	// kmsctl at a time; a primary left disabled by a race is refused by
@@ -45,28 +41,15 @@ var (
 	_ providers.Refresher = (*Provider)(nil)
 )
 
-// readPIN reads the PIN file after checking that only its owner can read
-// it: a PIN readable by other local users is a PIN given away.
+// readPIN reads the PIN file, which only its owner may read: a PIN
+// readable by other local users is a PIN given away. The line ending an
+// editor leaves is not part of the PIN.
 func readPIN(path string) (string, error) {
-	fi, err := os.Stat(path)
+	b, err := providers.ReadSecretFile("pkcs11.pinFile", path)
 	if err != nil {
-		return "", fmt.Errorf("pkcs11.pinFile: %w", err)
+		return "", err
 	}
-	if !fi.Mode().IsRegular() {
-		return "", fmt.Errorf("pkcs11.pinFile %s is not a regular file", path)
-	}
-	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return "", fmt.Errorf("pkcs11.pinFile %s has mode %04o and is readable by group or others; run `chmod 600 %s`", path, perm, path)
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", fmt.Errorf("pkcs11.pinFile: %w", err)
-	}
-	pin := strings.TrimRight(string(b), "\r\n")
-	if pin == "" {
-		return "", fmt.Errorf("pkcs11.pinFile %s is empty; write the user PIN into it", path)
-	}
-	return pin, nil
+	return strings.TrimRight(string(b), "\r\n"), nil
 }
 
 // open validates cfg, reads the PIN and attaches to the token, without
@@ -88,6 +71,7 @@ func open(cfg Config, logger hclog.Logger) (*Provider, error) {
 	}
 	p := &Provider{cfg: cfg, logger: logger}
 	p.tok = newToken(mod, cfg.TokenLabel, pin, cfg.sessions(), logger)
+	p.keys = providers.NewKeyCache(p.load, p.published)
 	return p, nil
 }
 
@@ -153,36 +137,43 @@ func Init(ctx context.Context, cfg Config, logger hclog.Logger) (providers.KeyVe
 	return kv, nil
 }
 
-// Refresh reloads the key state from the token. On failure the previous
-// state stays in use (so a token hiccup does not stop Decrypt with cached
-// handles) and the error is returned for health reporting.
+// Refresh reloads the key state from the token; concurrent calls share one
+// read. On failure the previous state stays in use (so a token hiccup does
+// not stop Decrypt with cached handles) and the error is returned for
+// health reporting.
 func (p *Provider) Refresh(ctx context.Context) error {
-	_, err, _ := p.refresh.Do("", func() (any, error) {
-		var snap snapshot
-		err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
-			var err error
-			snap, err = p.read(h)
-			return err
-		})
-		if err != nil {
-			return nil, fmt.Errorf("refresh: %w", classify(err))
-		}
-		st, err := p.toState(snap)
-		if err != nil {
-			return nil, fmt.Errorf("refresh: %w", err)
-		}
-		if old := p.state.Swap(st); old == nil || old.primary.keyID != st.primary.keyID {
-			p.logger.Info("primary key version", "key_id", st.primary.keyID, "versions", len(st.ordered))
-		}
-		return nil, nil
+	return p.keys.Refresh(ctx)
+}
+
+// load is the KeyCache's load: one read of the token, checked.
+func (p *Provider) load(ctx context.Context) (*state, error) {
+	var snap snapshot
+	err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
+		var err error
+		snap, err = p.read(h)
+		return err
 	})
-	return err
+	if err != nil {
+		return nil, fmt.Errorf("refresh: %w", classify(err))
+	}
+	st, err := p.toState(snap)
+	if err != nil {
+		return nil, fmt.Errorf("refresh: %w", err)
+	}
+	return st, nil
+}
+
+// published logs the primary when it is first known or changes.
+func (p *Provider) published(old, st *state) {
+	if old == nil || old.primary.keyID != st.primary.keyID {
+		p.logger.Info("primary key version", "key_id", st.primary.keyID, "versions", len(st.ordered))
+	}
 }
 
 func (p *Provider) current() (*state, error) {
-	st := p.state.Load()
-	if st == nil {
-		return nil, fmt.Errorf("pkcs11: no key state loaded: %w", providers.ErrUnavailable)
+	st, err := p.keys.Current()
+	if err != nil {
+		return nil, fmt.Errorf("pkcs11: %w", err)
 	}
 	return st, nil
 }
@@ -231,7 +222,9 @@ func (p *Provider) Encrypt(ctx context.Context, plaintext []byte) (providers.Sea
 			return providers.Sealed{KeyID: v.keyID, Ciphertext: ct}, nil
 		}
 		if handleGone(err) && attempt == 0 {
-			if rerr := p.Refresh(ctx); rerr == nil {
+			// Reload: a refresh in flight may have read the token before
+			// the object changed.
+			if rerr := p.keys.Reload(ctx); rerr == nil {
 				continue
 			}
 		}
@@ -279,39 +272,46 @@ func (p *Provider) seal(ctx context.Context, v *version, plaintext []byte) ([]by
 var errAuthFailed = errors.New("AES-GCM authentication failed")
 
 // lookup returns the version named by keyID, refreshing once if it is not
-// known yet (another instance may have just created it).
+// known yet (another instance may have just created it). A key_id this
+// provider could never have made gets no refresh, so garbage key_ids cannot
+// make us hammer the token.
 func (p *Provider) lookup(ctx context.Context, keyID string) (*version, error) {
-	id, err := providers.ParseKeyID(keyID)
-	if err != nil {
+	if err := p.own(keyID); err != nil {
 		return nil, err
 	}
+	v, ok, err := providers.LookupVersion(ctx, p.keys, func(st *state) (*version, bool) {
+		v, ok := st.byID[keyID]
+		return v, ok
+	})
+	switch {
+	case err != nil:
+		return nil, err
+	case !ok:
+		return nil, fmt.Errorf("key_id %q: no such key object on token %q: %w", keyID, p.cfg.TokenLabel, providers.ErrKeyNotFound)
+	}
+	return v, nil
+}
+
+// own checks that keyID is a name this provider could have made: backend
+// pkcs11, this token, and a label "<keyLabel>-<n>".
+func (p *Provider) own(keyID string) error {
+	id, err := providers.ParseKeyID(keyID)
+	if err != nil {
+		return err
+	}
 	if id.Backend != "pkcs11" {
-		return nil, fmt.Errorf("key_id %q belongs to backend %q, not pkcs11: %w", keyID, id.Backend, providers.ErrKeyNotFound)
+		return fmt.Errorf("key_id %q belongs to backend %q, not pkcs11: %w", keyID, id.Backend, providers.ErrKeyNotFound)
 	}
 	tokenLabel, label, _ := strings.Cut(id.Name, "/")
 	if _, ok := p.parseN(label); !ok || tokenLabel != p.cfg.TokenLabel {
-		// Not a name this provider could ever have made: no refresh, so
-		// garbage key_ids cannot make us hammer the token.
-		return nil, fmt.Errorf("key_id %q is not a version of %s on token %q: %w", keyID, p.cfg.KeyLabel, p.cfg.TokenLabel, providers.ErrKeyNotFound)
+		return fmt.Errorf("key_id %q is not a version of %s on token %q: %w", keyID, p.cfg.KeyLabel, p.cfg.TokenLabel, providers.ErrKeyNotFound)
 	}
-	st, err := p.current()
-	if err != nil {
-		return nil, err
-	}
-	if v, ok := st.byID[keyID]; ok {
-		return v, nil
-	}
-	if err := p.Refresh(ctx); err != nil {
-		return nil, err
-	}
-	if st, err = p.current(); err != nil {
-		return nil, err
-	}
-	if v, ok := st.byID[keyID]; ok {
-		return v, nil
-	}
-	return nil, fmt.Errorf("key_id %q: no such key object on token %q: %w", keyID, p.cfg.TokenLabel, providers.ErrKeyNotFound)
+	return nil
 }
+
+// Owns reports whether keyID names a version of this provider's key label
+// on its token, without touching the token.
+func (p *Provider) Owns(keyID string) bool { return p.own(keyID) == nil }
 
 // Decrypt unwraps a seed with the version named by s.KeyID.
 func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, error) {
@@ -349,8 +349,9 @@ func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, err
 		case err == nil && !v.enabled:
 			// The token allowed a version our cache calls disabled: it was
 			// re-enabled elsewhere, or the token does not enforce
-			// CKA_DECRYPT. Fresh state decides.
-			if rerr := p.Refresh(ctx); rerr != nil {
+			// CKA_DECRYPT. Fresh state decides: Reload, since a refresh in
+			// flight may predate the change.
+			if rerr := p.keys.Reload(ctx); rerr != nil {
 				return nil, fmt.Errorf("pkcs11 decrypt: key version %s is disabled: %w", v.keyID, providers.ErrKeyDisabled)
 			}
 			if st, _ := p.current(); st == nil || st.byID[v.keyID] == nil || !st.byID[v.keyID].enabled {
@@ -363,7 +364,7 @@ func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, err
 			}
 			return pt, nil
 		case handleGone(err) && attempt == 0:
-			if rerr := p.Refresh(ctx); rerr != nil {
+			if rerr := p.keys.Reload(ctx); rerr != nil {
 				return nil, fmt.Errorf("pkcs11 decrypt with %s: key object changed and refresh failed: %w", v.keyID, rerr)
 			}
 			continue
@@ -424,18 +425,16 @@ func (p *Provider) Close() error {
 // Versions lists every key version on the token, oldest first, as read from
 // the token now.
 func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error) {
-	if err := p.Refresh(ctx); err != nil {
+	if err := p.keys.Reload(ctx); err != nil {
 		return nil, fmt.Errorf("pkcs11 versions: %w", err)
 	}
 	st, err := p.current()
 	if err != nil {
 		return nil, err
 	}
-	out := make([]providers.KeyVersion, 0, len(st.ordered))
-	for _, v := range st.ordered {
-		out = append(out, providers.KeyVersion{KeyID: v.keyID, State: v.state(st.primary), Created: v.created})
-	}
-	return out, nil
+	return providers.ListVersions(st.ordered, st.primary, func(v *version) (string, bool, time.Time) {
+		return v.keyID, v.enabled, v.created
+	}), nil
 }
 
 // CreateVersion generates a new enabled, non-primary version. Its number is
@@ -475,7 +474,8 @@ func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, err
 		return providers.KeyVersion{}, fmt.Errorf("pkcs11 create version: %w", classify(err))
 	}
 	p.logger.Info("created key version", "key_id", kv.KeyID)
-	if err := p.Refresh(ctx); err != nil {
+	// Reload, not Refresh: a refresh in flight may predate the write.
+	if err := p.keys.Reload(ctx); err != nil {
 		return kv, fmt.Errorf("pkcs11 create version %s: created, but %w", kv.KeyID, err)
 	}
 	return kv, nil
@@ -507,7 +507,8 @@ func (p *Provider) mutate(ctx context.Context, op, keyID string, fn func(h pkcs1
 		return fmt.Errorf("pkcs11 %s %s: %w", op, keyID, err)
 	}
 	p.logger.Info("key version "+op+"d", "key_id", keyID)
-	if err := p.Refresh(ctx); err != nil {
+	// Reload, not Refresh: a refresh in flight may predate the write.
+	if err := p.keys.Reload(ctx); err != nil {
 		return fmt.Errorf("pkcs11 %s %s: done, but %w", op, keyID, err)
 	}
 	return nil

@@ -49,18 +49,9 @@ type version struct {
 	created time.Time
 }
 
-func (v *version) state(primary *version) providers.KeyState {
-	switch {
-	case v == primary:
-		return providers.StatePrimary
-	case v.enabled:
-		return providers.StateEnabled
-	}
-	return providers.StateDisabled
-}
-
-// state is an immutable snapshot of the token's key state; Refresh swaps in
-// a new one, so Encrypt reads key, handle and key_id from one snapshot.
+// state is an immutable snapshot of the token's key state, held in the
+// provider's KeyCache, so Encrypt reads key, handle and key_id from one
+// snapshot.
 type state struct {
 	byID    map[string]*version
 	ordered []*version // by n

@@ -37,6 +37,7 @@ func Run(t *testing.T, newProvider NewFunc) {
 		{"SizeLimits", false, testSizeLimits},
 		{"UnknownKeyID", false, testUnknownKeyID},
 		{"TamperedCiphertext", false, testTampered},
+		{"OwnsItsKeyIDs", false, testOwns},
 		{"ForeignKeyIDIsRejected", true, testForeignKeyID},
 		{"CreatePromoteKeepsOldData", true, testCreatePromote},
 		{"PrimaryCannotBeDisabled", true, testPrimaryNotDisabled},
@@ -197,6 +198,45 @@ func testTampered(t *testing.T, p providers.Provider) {
 	random.Ciphertext = Seed(t)
 	if _, err := p.Decrypt(ctx(t), random); !errors.Is(err, providers.ErrInvalidCiphertext) {
 		t.Fatalf("Decrypt of random bytes: got %v, want ErrInvalidCiphertext", err)
+	}
+}
+
+// testOwns checks the answer a plugin serving several providers routes
+// Decrypt by: a provider owns its own versions, and owns neither another
+// backend's key_id nor one of its own backend made by another instance.
+// Every backend's key_id starts its name with the instance (keyset name,
+// token label, vault host), so prefixing that names another instance.
+func testOwns(t *testing.T, p providers.Provider) {
+	primary, err := p.PrimaryKeyID(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	own := []string{primary}
+	if r, ok := p.(providers.Rotator); ok {
+		v, err := r.CreateVersion(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		own = append(own, v.KeyID)
+	}
+	for _, id := range own {
+		if !p.Owns(id) {
+			t.Errorf("Owns(%q) = false for its own version", id)
+		}
+	}
+	k, err := providers.ParseKeyID(primary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign := []string{
+		providers.KeyID{Backend: "nosuchbackend", Name: k.Name}.String(),
+		providers.KeyID{Backend: k.Backend, Name: "other-" + k.Name}.String(),
+		"", "garbage",
+	}
+	for _, id := range foreign {
+		if p.Owns(id) {
+			t.Errorf("Owns(%q) = true; the primary is %q", id, primary)
+		}
 	}
 }
 
