@@ -63,6 +63,24 @@ func (b *fakeBackend) load(context.Context) ([]string, error) {
 	return snap, nil
 }
 
+func (b *fakeBackend) failWith(err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.fail = err
+}
+
+// loadedCache returns a cache over a backend holding versions, after its
+// first load.
+func loadedCache(t *testing.T, versions ...string) (*fakeBackend, *KeyCache[[]string]) {
+	t.Helper()
+	b := newFakeBackend(versions...)
+	c := NewKeyCache(b.load, nil)
+	if err := c.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return b, c
+}
+
 func has(name string) func([]string) (string, bool) {
 	return func(s []string) (string, bool) { return name, slices.Contains(s, name) }
 }
@@ -75,12 +93,8 @@ func TestKeyCacheCurrentBeforeLoad(t *testing.T) {
 }
 
 func TestKeyCacheFailedLoadKeepsSnapshot(t *testing.T) {
-	b := newFakeBackend("a")
-	c := NewKeyCache(b.load, nil)
-	if err := c.Refresh(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	b.fail = ErrUnavailable
+	b, c := loadedCache(t, "a")
+	b.failWith(ErrUnavailable)
 	if err := c.Refresh(context.Background()); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Refresh with a failing backend: got %v, want its error", err)
 	}
@@ -148,11 +162,7 @@ func TestKeyCachePublishedSeesPrevious(t *testing.T) {
 }
 
 func TestLookupVersion(t *testing.T) {
-	b := newFakeBackend("a")
-	c := NewKeyCache(b.load, nil)
-	if err := c.Reload(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	b, c := loadedCache(t, "a")
 	tests := []struct {
 		name      string
 		version   string
@@ -183,11 +193,7 @@ func TestLookupVersion(t *testing.T) {
 // lookup must then load once more itself instead of calling a key that
 // exists unknown.
 func TestLookupVersionLoadsOnceMoreAfterAnOlderRefresh(t *testing.T) {
-	b := newFakeBackend("a")
-	c := NewKeyCache(b.load, nil)
-	if err := c.Reload(context.Background()); err != nil { // load 1
-		t.Fatal(err)
-	}
+	b, c := loadedCache(t, "a") // load 1
 	release := b.hold(2)
 	go func() { _ = c.Refresh(context.Background()) }()
 	b.waitStarted(2) // load 2 (the background refresh) has listed [a]
@@ -221,12 +227,8 @@ func TestLookupVersionLoadsOnceMoreAfterAnOlderRefresh(t *testing.T) {
 }
 
 func TestLookupVersionRefreshFails(t *testing.T) {
-	b := newFakeBackend("a")
-	c := NewKeyCache(b.load, nil)
-	if err := c.Reload(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	b.fail = ErrUnavailable
+	b, c := loadedCache(t, "a")
+	b.failWith(ErrUnavailable)
 	if _, found, err := LookupVersion(context.Background(), c, has("b")); found || !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("LookupVersion with a failing backend = found %v, %v; want the load's error", found, err)
 	}
