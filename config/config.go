@@ -16,9 +16,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
-	"github.com/kms-v2/kms-plugin/providers/azurekv"
-	"github.com/kms-v2/kms-plugin/providers/file"
-	"github.com/kms-v2/kms-plugin/providers/pkcs11"
+	"github.com/kms-v2/kms-plugin/providers"
 )
 
 // Defaults for optional fields.
@@ -51,8 +49,16 @@ type Config struct {
 	MaxStaleness Duration `json:"maxStaleness,omitempty"`
 	// Log configures logging.
 	Log Log `json:"log,omitempty"`
-	// Provider selects exactly one key backend.
-	Provider Provider `json:"provider"`
+	// Providers are the key providers in order: the first encrypts (its
+	// primary is Status's key_id), the others only decrypt, which is how
+	// a cluster moves from one backend to another without a second plugin.
+	// Parse leaves the resolved list here, whichever form the file used.
+	Providers []Entry `json:"providers,omitempty"`
+	// Provider is the one-entry shorthand of Providers.
+	Provider *Entry `json:"provider,omitempty"`
+
+	// shorthand: the file used provider:, so errors say so.
+	shorthand bool
 }
 
 // Log configures the plugin's structured logs.
@@ -63,61 +69,9 @@ type Log struct {
 	Format string `json:"format,omitempty"`
 }
 
-// Provider holds one backend's section; exactly one must be set.
-type Provider struct {
-	// File is a local Tink keyset file.
-	File *file.Config `json:"file,omitempty"`
-	// PKCS11 is a key in a PKCS#11 token (an HSM, or SoftHSM2 in tests).
-	PKCS11 *pkcs11.Config `json:"pkcs11,omitempty"`
-	// AzureKeyVault is a key in Azure Key Vault or Managed HSM.
-	AzureKeyVault *azurekv.Config `json:"azureKeyVault,omitempty"`
-}
-
-// backendConfig is what every backend's Config offers for loading.
-type backendConfig interface {
-	ResolvePaths(dir string)
-	Validate() error
-}
-
-// section is one backend's place in the schema.
-type section struct {
-	name string
-	set  bool
-	cfg  backendConfig
-}
-
-// sections lists every compiled-in backend by its YAML name: the one place
-// a new backend joins the config schema.
-func (p Provider) sections() []section {
-	return []section{
-		{"file", p.File != nil, p.File},
-		{"pkcs11", p.PKCS11 != nil, p.PKCS11},
-		{"azureKeyVault", p.AzureKeyVault != nil, p.AzureKeyVault},
-	}
-}
-
-// Backend returns the name and config of the one selected backend.
-func (p Provider) Backend() (string, backendConfig, error) {
-	var set, known []string
-	var chosen section
-	for _, s := range p.sections() {
-		known = append(known, s.name)
-		if s.set {
-			set = append(set, s.name)
-			chosen = s
-		}
-	}
-	switch len(set) {
-	case 0:
-		return "", nil, fmt.Errorf("provider: no backend configured; set one of %s", strings.Join(known, ", "))
-	case 1:
-		return chosen.name, chosen.cfg, nil
-	}
-	return "", nil, fmt.Errorf("provider: %d backends configured (%s); set exactly one", len(set), strings.Join(set, ", "))
-}
-
-// Load reads, parses and validates the configuration file at path.
-func Load(path string) (*Config, error) {
+// Load reads, parses and validates the configuration file at path; kinds
+// are the backends compiled into the binary.
+func Load(path string, kinds providers.Kinds) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
@@ -126,15 +80,16 @@ func Load(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	c, err := Parse(data, filepath.Dir(abs))
+	c, err := Parse(data, filepath.Dir(abs), kinds)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return c, nil
 }
 
-// Parse parses configuration bytes; relative paths resolve against dir.
-func Parse(data []byte, dir string) (*Config, error) {
+// Parse parses configuration bytes; relative paths resolve against dir,
+// and each provider entry's section is decoded with its kind from kinds.
+func Parse(data []byte, dir string, kinds providers.Kinds) (*Config, error) {
 	var c Config
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
 		// Drop the decoder's layered prefixes; keep what names the problem.
@@ -147,8 +102,8 @@ func Parse(data []byte, dir string) (*Config, error) {
 	if c.Socket != "" && !strings.HasPrefix(c.Socket, "@") && !filepath.IsAbs(c.Socket) {
 		c.Socket = filepath.Join(dir, c.Socket)
 	}
-	if _, b, err := c.Provider.Backend(); err == nil {
-		b.ResolvePaths(dir)
+	if err := c.resolveEntries(kinds, dir); err != nil {
+		return nil, err
 	}
 	c.applyDefaults()
 	if err := c.Validate(); err != nil {
@@ -211,14 +166,7 @@ func (c *Config) Validate() error {
 	default:
 		return fmt.Errorf("log.format %q: want text or json", c.Log.Format)
 	}
-	name, b, err := c.Provider.Backend()
-	if err != nil {
-		return err
-	}
-	if err := b.Validate(); err != nil {
-		return fmt.Errorf("provider.%s: %w", name, err)
-	}
-	return nil
+	return c.validateEntries()
 }
 
 // oneLine folds a multi-line parser error into one line.

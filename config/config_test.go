@@ -20,7 +20,7 @@ func TestParse(t *testing.T) {
 			name: "minimal with defaults and relative keyset",
 			yaml: "socket: /run/kms/kms.sock\nprovider:\n  file:\n    path: keyset.json\n",
 			check: func(t *testing.T, c *Config) {
-				if got, want := c.Provider.File.Path, "/etc/kms-plugin/keyset.json"; got != want {
+				if got, want := c.Providers[0].Section.Instance(), "/etc/kms-plugin/keyset.json"; got != want {
 					t.Errorf("file.path = %q, want %q", got, want)
 				}
 				if got, want := time.Duration(c.CheckInterval), DefaultCheckInterval; got != want {
@@ -54,7 +54,7 @@ func TestParse(t *testing.T) {
 		{name: "malformed yaml", yaml: "socket: [\n", wantErr: "yaml"},
 		{name: "missing socket", yaml: "provider: {file: {path: /k}}\n", wantErr: "socket: missing"},
 		{name: "abstract socket", yaml: "socket: '@kms'\nprovider: {file: {path: /k}}\n", wantErr: "abstract"},
-		{name: "no provider", yaml: "socket: /s\n", wantErr: "no backend configured"},
+		{name: "no provider", yaml: "socket: /s\n", wantErr: "providers: empty"},
 		{name: "file without path", yaml: "socket: /s\nprovider: {file: {}}\n", wantErr: "provider.file: path: missing"},
 		{name: "health not loopback", yaml: "socket: /s\nhealth: 0.0.0.0:80\nprovider: {file: {path: /k}}\n", wantErr: "loopback"},
 		{name: "bad duration", yaml: "socket: /s\ncheckInterval: soon\nprovider: {file: {path: /k}}\n", wantErr: "duration"},
@@ -63,7 +63,7 @@ func TestParse(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			c, err := Parse([]byte(tt.yaml), dir)
+			c, err := Parse([]byte(tt.yaml), dir, testKinds)
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("Parse: got %v, want an error containing %q", err, tt.wantErr)
@@ -86,10 +86,10 @@ func TestLoadNamesTheFile(t *testing.T) {
 	if err := os.WriteFile(p, []byte("socket: [\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Load(p); err == nil || !strings.Contains(err.Error(), p) {
+	if _, err := Load(p, testKinds); err == nil || !strings.Contains(err.Error(), p) {
 		t.Fatalf("Load: got %v, want an error naming %s", err, p)
 	}
-	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml"), testKinds); err == nil {
 		t.Fatal("Load of a missing file succeeded")
 	}
 }
@@ -98,8 +98,9 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("socket: /s\nprovider: {file: {path: k}}\n"))
 	f.Add([]byte("socket: '@x'\n"))
 	f.Add([]byte("{"))
+	f.Add([]byte("socket: /s\nproviders: [{file: {path: a}}, {name: x, keyState: shared, hsm: {path: b}}]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c, err := Parse(data, "/etc")
+		c, err := Parse(data, "/etc", testKinds)
 		if err != nil {
 			return
 		}

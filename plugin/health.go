@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -10,17 +11,20 @@ import (
 
 // HealthHandler serves /healthz and /readyz (both 200 "ok" while Status
 // would report ok, 503 with the reason otherwise; no backend call on the
-// request path) and /metrics from gatherer.
+// request path; ?verbose adds a line per configured provider) and /metrics
+// from gatherer.
 func HealthHandler(s *Service, gatherer prometheus.Gatherer) http.Handler {
 	mux := http.NewServeMux()
-	health := func(w http.ResponseWriter, _ *http.Request) {
+	health := func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if ok, why := s.Healthy(); !ok {
+		ok, why := s.Healthy()
+		if !ok {
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, why)
-			return
 		}
-		fmt.Fprintln(w, "ok")
+		fmt.Fprintln(w, why)
+		if r.URL.Query().Has("verbose") {
+			writeEntries(w, s.Entries())
+		}
 	}
 	mux.HandleFunc("/healthz", health)
 	mux.HandleFunc("/readyz", health)
@@ -29,4 +33,15 @@ func HealthHandler(s *Service, gatherer prometheus.Gatherer) http.Handler {
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.Handle("/metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
 	return mux
+}
+
+// writeEntries writes one line per provider: its role and health.
+func writeEntries(w io.Writer, es []EntryHealth) {
+	for _, e := range es {
+		role := "decrypts"
+		if e.Encrypts {
+			role = "encrypts"
+		}
+		fmt.Fprintf(w, "provider %s (%s): %s\n", e.Name, role, e.Health)
+	}
 }

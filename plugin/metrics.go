@@ -16,6 +16,7 @@ type Metrics struct {
 	primaryKey      *prometheus.GaugeVec
 	reloads         *prometheus.CounterVec
 	healthy         prometheus.Gauge
+	providerHealthy *prometheus.GaugeVec
 
 	mu             sync.Mutex
 	currentPrimary string
@@ -35,28 +36,32 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"method"}),
 		providerOps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "kms_plugin_provider_operation_duration_seconds",
-			Help:    "Latency of calls into the key provider by operation.",
+			Help:    "Latency of calls into each configured key provider by operation.",
 			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
-		}, []string{"operation"}),
+		}, []string{"provider", "operation"}),
 		providerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kms_plugin_provider_errors_total",
-			Help: "Failed calls into the key provider by operation and error class.",
-		}, []string{"operation", "class"}),
+			Help: "Failed calls into each configured key provider by operation and error class (provider \"none\": a Decrypt whose key_id no provider owns).",
+		}, []string{"provider", "operation", "class"}),
 		primaryKey: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kms_plugin_primary_key_info",
 			Help: "1 for the key_id hash (sha256:hex, as kube-apiserver labels it) Status currently reports.",
 		}, []string{"key_id_hash"}),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kms_plugin_key_state_reloads_total",
-			Help: "Background reloads of key state from the provider by result.",
-		}, []string{"result"}),
+			Help: "Background reloads of key state from each configured provider by result.",
+		}, []string{"provider", "result"}),
 		healthy: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "kms_plugin_healthy",
-			Help: "1 while the last background provider check passed and is fresh.",
+			Help: "1 while Status reports ok: the encrypting provider's last check passed and is fresh.",
 		}),
+		providerHealthy: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kms_plugin_provider_healthy",
+			Help: "1 while each configured provider's last background check passed; a decrypt-only provider at 0 fails reads of objects still under it.",
+		}, []string{"provider"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy)
+		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy)
 	}
 	return m
 }

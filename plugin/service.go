@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	kmsapi "k8s.io/kms/apis/v2"
 
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/providers/multi"
 )
 
 // APIVersion is the only version string kube-apiserver accepts from Status.
@@ -23,7 +25,11 @@ const healthOK = "ok"
 
 // Options configure a Service.
 type Options struct {
-	// Provider does the cryptography; required.
+	// Entries are the configured providers in order: the first encrypts
+	// and its health is Status's; every entry decrypts what it owns.
+	Entries []multi.Entry
+	// Provider is the one-entry shorthand of Entries (named "provider"),
+	// for callers with a single backend.
 	Provider providers.Provider
 	// Logger receives structured logs; nil discards them.
 	Logger hclog.Logger
@@ -46,11 +52,12 @@ type Options struct {
 type Service struct {
 	kmsapi.UnimplementedKeyManagementServiceServer
 
-	opts   Options
-	p      providers.Provider
-	log    hclog.Logger
-	m      *Metrics
-	health atomic.Pointer[healthState]
+	opts Options
+	p    *multi.Provider
+	log  hclog.Logger
+	m    *Metrics
+	// health holds each entry's last check, in entry order.
+	health []atomic.Pointer[healthState]
 	// lastKeyID is the key_id last reported, to log changes once.
 	lastKeyID atomic.Pointer[string]
 }
@@ -67,8 +74,12 @@ type healthState struct {
 // New returns a Service. Call Check once before serving, so the first
 // Status has a health result, then Run in the background.
 func New(opts Options) (*Service, error) {
-	if opts.Provider == nil {
-		return nil, errors.New("plugin: Options.Provider is required")
+	if len(opts.Entries) == 0 && opts.Provider != nil {
+		opts.Entries = []multi.Entry{{Name: "provider", Scope: providers.ScopeShared, Provider: opts.Provider}}
+	}
+	router, err := multi.New(context.Background(), opts.Entries)
+	if err != nil {
+		return nil, fmt.Errorf("plugin: %w", err)
 	}
 	if opts.Logger == nil {
 		opts.Logger = hclog.NewNullLogger()
@@ -88,8 +99,11 @@ func New(opts Options) (*Service, error) {
 	if opts.CheckTimeout <= 0 {
 		opts.CheckTimeout = 5 * time.Second
 	}
-	s := &Service{opts: opts, p: opts.Provider, log: opts.Logger, m: opts.Metrics}
-	s.health.Store(&healthState{reason: "not checked yet"})
+	s := &Service{opts: opts, p: router, log: opts.Logger, m: opts.Metrics}
+	s.health = make([]atomic.Pointer[healthState], len(opts.Entries))
+	for i := range s.health {
+		s.health[i].Store(&healthState{reason: "not checked yet"})
+	}
 	return s, nil
 }
 
@@ -108,16 +122,45 @@ func (s *Service) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.
 	return &kmsapi.StatusResponse{Version: APIVersion, Healthz: s.healthz(time.Now()), KeyId: keyID}, nil
 }
 
-// healthz is "ok" while the last check passed within MaxStaleness.
+// healthz is "ok" while the encrypting entry's last check passed within
+// MaxStaleness. A decrypt-only entry's outage does not count: the
+// apiserver answers an unhealthy Status by failing its own /readyz, which
+// would take every apiserver out of service for an outage that only fails
+// reads of objects still under the old provider. Those show in the
+// plugin's /healthz?verbose, its metrics and its logs.
 func (s *Service) healthz(now time.Time) string {
-	h := s.health.Load()
+	return s.entryHealth(0, now)
+}
+
+// entryHealth is entry i's health in Status's words.
+func (s *Service) entryHealth(i int, now time.Time) string {
+	h := s.health[i].Load()
 	switch {
 	case h.reason != "":
-		return "unhealthy: " + h.reason
+		return "unhealthy: provider " + s.opts.Entries[i].Name + ": " + h.reason
 	case now.Sub(h.okAt) > s.opts.MaxStaleness:
-		return fmt.Sprintf("unhealthy: last successful provider check %s ago", now.Sub(h.okAt).Round(time.Second))
+		return fmt.Sprintf("unhealthy: provider %s: last successful check %s ago", s.opts.Entries[i].Name, now.Sub(h.okAt).Round(time.Second))
 	}
 	return healthOK
+}
+
+// EntryHealth describes one entry for /healthz?verbose.
+type EntryHealth struct {
+	Name string
+	// Encrypts is true for the first entry, the only one that encrypts.
+	Encrypts bool
+	// Health is "ok" or "unhealthy: ..." as Status would say it.
+	Health string
+}
+
+// Entries reports every entry's health, in order.
+func (s *Service) Entries() []EntryHealth {
+	now := time.Now()
+	out := make([]EntryHealth, len(s.opts.Entries))
+	for i, e := range s.opts.Entries {
+		out[i] = EntryHealth{Name: e.Name, Encrypts: i == 0, Health: s.entryHealth(i, now)}
+	}
+	return out
 }
 
 // Healthy reports whether Status would say "ok", and why not.
@@ -133,7 +176,7 @@ func (s *Service) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kms
 	}
 	start := time.Now()
 	sealed, err := s.p.Encrypt(ctx, req.GetPlaintext())
-	s.observe("encrypt", start, err)
+	s.observe(s.p.Encrypter().Name, "encrypt", start, err)
 	if err != nil {
 		return nil, grpcError("encrypt", err)
 	}
@@ -163,8 +206,13 @@ func (s *Service) Decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kms
 		return nil, status.Errorf(codes.InvalidArgument, "decrypt: %v", err)
 	}
 	start := time.Now()
-	pt, err := s.p.Decrypt(ctx, providers.Sealed{KeyID: req.GetKeyId(), Ciphertext: req.GetCiphertext(), Annotations: req.GetAnnotations()})
-	s.observe("decrypt", start, err)
+	e, err := s.p.Route(req.GetKeyId())
+	if err != nil {
+		s.observe(unrouted, "decrypt", start, err)
+		return nil, grpcError("decrypt", err)
+	}
+	pt, err := e.Provider.Decrypt(ctx, providers.Sealed{KeyID: req.GetKeyId(), Ciphertext: req.GetCiphertext(), Annotations: req.GetAnnotations()})
+	s.observe(e.Name, "decrypt", start, err)
 	if err != nil {
 		return nil, grpcError("decrypt", err)
 	}
@@ -184,10 +232,13 @@ func validKeyID(id string) error {
 	return nil
 }
 
-func (s *Service) observe(op string, start time.Time, err error) {
-	s.m.providerOps.WithLabelValues(op).Observe(time.Since(start).Seconds())
+// unrouted is the provider label of a Decrypt whose key_id no entry owns.
+const unrouted = "none"
+
+func (s *Service) observe(provider, op string, start time.Time, err error) {
+	s.m.providerOps.WithLabelValues(provider, op).Observe(time.Since(start).Seconds())
 	if err != nil {
-		s.m.providerErrors.WithLabelValues(op, classify(err).label).Inc()
+		s.m.providerErrors.WithLabelValues(provider, op, classify(err).label).Inc()
 	}
 }
 
@@ -205,42 +256,68 @@ func (s *Service) noteKeyID(id string) {
 	}
 }
 
-// Check runs one provider check (and a key state refresh) now and records
-// the result for Status.
+// Check runs every entry's check (and key state refresh) now, side by
+// side, and records the results for Status.
 func (s *Service) Check(ctx context.Context) {
+	var wg sync.WaitGroup
+	for i := range s.opts.Entries {
+		wg.Go(func() { s.checkEntry(ctx, i) })
+	}
+	wg.Wait()
+	ok, _ := s.Healthy()
+	s.m.healthy.Set(boolGauge(ok))
+	if id, err := s.p.PrimaryKeyID(ctx); err == nil {
+		s.noteKeyID(id)
+	}
+}
+
+// checkEntry checks entry i and logs a change of its health once.
+func (s *Service) checkEntry(ctx context.Context, i int) {
+	e := s.opts.Entries[i]
 	ctx, cancel := context.WithTimeout(ctx, s.opts.CheckTimeout)
 	defer cancel()
 	start := time.Now()
-	err := s.p.Check(ctx)
-	s.observe("check", start, err)
-	prev := s.health.Load()
+	err := e.Provider.Check(ctx)
+	s.observe(e.Name, "check", start, err)
+	prev := s.health[i].Load()
 	next := &healthState{checked: time.Now(), okAt: prev.okAt}
 	if err != nil {
 		next.reason = classify(err).label
-		if prev.reason == "" {
-			s.log.Warn("provider check failed; Status now reports unhealthy", "class", next.reason, "error", err)
-		}
 	} else {
 		next.okAt = next.checked
-		if prev.reason != "" && !prev.checked.IsZero() {
-			s.log.Info("provider check passed again; Status reports ok", "previous", prev.reason)
-		}
 	}
-	s.health.Store(next)
-	ok, _ := s.Healthy()
-	if ok {
-		s.m.healthy.Set(1)
-	} else {
-		s.m.healthy.Set(0)
+	s.health[i].Store(next)
+	s.m.providerHealthy.WithLabelValues(e.Name).Set(boolGauge(err == nil))
+	switch {
+	case err != nil && prev.reason == "" && i == 0:
+		s.log.Warn("provider check failed; Status now reports unhealthy", "provider", e.Name, "class", next.reason, "error", err)
+	case err != nil && prev.reason == "":
+		s.log.Warn("decrypt-only provider check failed; Status stays ok, reads of objects still under it fail", "provider", e.Name, "class", next.reason, "error", err)
+	case err == nil && prev.reason != "" && !prev.checked.IsZero():
+		s.log.Info("provider check passed again", "provider", e.Name, "previous", prev.reason)
+	}
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// refresh reloads every entry's key state once, for providers that
+// support it.
+func (s *Service) refresh(ctx context.Context) {
+	for _, e := range s.opts.Entries {
+		s.refreshEntry(ctx, e)
 	}
 	if id, err := s.p.PrimaryKeyID(ctx); err == nil {
 		s.noteKeyID(id)
 	}
 }
 
-// refresh reloads key state once, for providers that support it.
-func (s *Service) refresh(ctx context.Context) {
-	r, ok := s.p.(providers.Refresher)
+func (s *Service) refreshEntry(ctx context.Context, e multi.Entry) {
+	r, ok := e.Provider.(providers.Refresher)
 	if !ok {
 		return
 	}
@@ -248,16 +325,13 @@ func (s *Service) refresh(ctx context.Context) {
 	defer cancel()
 	start := time.Now()
 	err := r.Refresh(ctx)
-	s.observe("refresh", start, err)
+	s.observe(e.Name, "refresh", start, err)
 	if err != nil {
-		s.m.reloads.WithLabelValues("error").Inc()
-		s.log.Warn("key state refresh failed; keeping the last good state", "class", classify(err).label, "error", err)
+		s.m.reloads.WithLabelValues(e.Name, "error").Inc()
+		s.log.Warn("key state refresh failed; keeping the last good state", "provider", e.Name, "class", classify(err).label, "error", err)
 		return
 	}
-	s.m.reloads.WithLabelValues("ok").Inc()
-	if id, err := s.p.PrimaryKeyID(ctx); err == nil {
-		s.noteKeyID(id)
-	}
+	s.m.reloads.WithLabelValues(e.Name, "ok").Inc()
 }
 
 // Run checks health and refreshes key state in the background until ctx

@@ -21,7 +21,10 @@ type Config struct {
 	// REST is the kubeconfig's apiserver and credentials.
 	REST    *rest.Config
 	Rotator providers.Rotator
-	Etcd    Etcd
+	// DecryptOnly are the providers after the first (only --retire needs
+	// them).
+	DecryptOnly []DecryptOnly
+	Etcd        Etcd
 	// APIServers are every apiserver's URL; empty means discover them
 	// from the `kubernetes` EndpointSlices (Discover) or wait passively.
 	APIServers []string
@@ -64,7 +67,7 @@ func New(ctx context.Context, cfg Config) (*Rotation, error) {
 		return nil, err
 	}
 	return &Rotation{
-		Rotator: cfg.Rotator, Kube: kube, Meta: rw.Client, Rewriter: rw, Etcd: cfg.Etcd,
+		Rotator: cfg.Rotator, DecryptOnly: cfg.DecryptOnly, Kube: kube, Meta: rw.Client, Rewriter: rw, Etcd: cfg.Etcd,
 		Planner: planner, APIServers: apiservers, Logger: cfg.Logger, Out: cfg.Out,
 		Progress: progress, Metrics: metrics,
 	}, nil

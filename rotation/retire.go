@@ -10,7 +10,8 @@ import (
 
 // retire disables every enabled version older than the primary, but only
 // after a scan of everything under the prefix (not only the rotated
-// resources) shows no object references it and no value is undecodable.
+// resources) shows no object references it and no value is undecodable;
+// then it does the same for the decrypt-only providers.
 func (r *runner) retire(ctx context.Context, current string) error {
 	r.begin(PhaseRetire)
 	defer r.end()
@@ -24,7 +25,7 @@ func (r *runner) retire(ctx context.Context, current string) error {
 	old := olderEnabled(versions, current)
 	if len(old) == 0 {
 		r.say("retire: no enabled version older than the primary")
-		return nil
+		return r.retireDecryptOnly(ctx)
 	}
 	refs, err := KeyReferences(ctx, r.Etcd, old, 0)
 	if err != nil {
@@ -41,7 +42,7 @@ func (r *runner) retire(ctx context.Context, current string) error {
 		r.rep.Retired = append(r.rep.Retired, k)
 		r.say("retire: disabled %s (no object in etcd uses it)", k)
 	}
-	return nil
+	return r.retireDecryptOnly(ctx)
 }
 
 func (r *runner) refuse(why string) error {

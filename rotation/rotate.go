@@ -24,6 +24,9 @@ var (
 	// ErrNotSwitched means an apiserver did not prove it uses the new key,
 	// so rewriting would risk writing the old key back.
 	ErrNotSwitched = errors.New("an apiserver has not switched to the new key")
+	// ErrNotDistributed means a new version of a per-node provider would
+	// reach only this node's plugin, so promoting it was refused.
+	ErrNotDistributed = errors.New("refused: per-node key state not known to be distributed")
 )
 
 // Phases of a run, in order; AfterPhase hooks and reports use these names.
@@ -75,8 +78,16 @@ type Options struct {
 	// DryRun plans and counts, and changes nothing but kmsctl's canaries.
 	DryRun bool
 	// PropagationWait is how long to wait after creating a version before
-	// promoting it, so every plugin instance can decrypt with it first.
+	// promoting it. Shared key state needs none: every plugin looks an
+	// unknown key_id up once. Per-node state gives the operator's copy
+	// time to land.
 	PropagationWait time.Duration
+	// Scope is where the encrypting provider keeps its key state. With
+	// ScopePerNode and more than one apiserver (or an unknown number), a
+	// new version is refused unless KeysetDistributed says the operator
+	// keeps every node's copy the same.
+	Scope             providers.Scope
+	KeysetDistributed bool
 	// ConfirmTimeout bounds the wait for each apiserver to switch.
 	ConfirmTimeout time.Duration
 	// ConfirmInterval is the pause between nudges.
@@ -97,7 +108,10 @@ type Options struct {
 // tests of the layer above.
 type Rotation struct {
 	Rotator providers.Rotator
-	Kube    dynamic.Interface
+	// DecryptOnly are the configured providers after the first, which
+	// --retire empties and retires.
+	DecryptOnly []DecryptOnly
+	Kube        dynamic.Interface
 	// Meta lists objects as metadata, to check an empty census against
 	// the apiserver.
 	Meta     metadata.Interface
@@ -146,12 +160,16 @@ type Report struct {
 	// writes now at the end (stale and undecodable).
 	Remaining int `json:"remaining"`
 	// Retired lists the versions disabled; RetireRefused says why none was.
-	Retired         []string       `json:"retired,omitempty"`
-	RetireRefused   string         `json:"retireRefused,omitempty"`
-	References      map[string]int `json:"references,omitempty"`
-	Phases          []PhaseTiming  `json:"phases"`
-	Duration        Duration       `json:"duration"`
-	DurationSeconds float64        `json:"durationSeconds"`
+	Retired       []string       `json:"retired,omitempty"`
+	RetireRefused string         `json:"retireRefused,omitempty"`
+	References    map[string]int `json:"references,omitempty"`
+	// DecryptOnly is, with --retire, each provider after the first: how
+	// many objects anywhere in etcd it still protects, and whether it can
+	// be removed from the plugins' config.
+	DecryptOnly     []DecryptOnlyReport `json:"decryptOnly,omitempty"`
+	Phases          []PhaseTiming       `json:"phases"`
+	Duration        Duration            `json:"duration"`
+	DurationSeconds float64             `json:"durationSeconds"`
 	// Error and ExitCode are set by the front end when the run failed.
 	Error    string `json:"error,omitempty"`
 	ExitCode int    `json:"exitCode"`

@@ -22,6 +22,9 @@ type goal struct {
 func (r *runner) decide(ctx context.Context, lock *Lock, p plan) (goal, error) {
 	if t := lock.Target(); t != "" {
 		if v, ok := find(p.versions, t); ok && v.State != providers.StateDisabled {
+			if err := r.distributed(t != p.primary.KeyID); err != nil {
+				return goal{}, err
+			}
 			r.rep.Action = ActionResumed
 			r.say("resume: an earlier run was rotating to %s; finishing it", t)
 			return goal{keyID: t, rotating: true}, nil
@@ -40,6 +43,9 @@ func (r *runner) decide(ctx context.Context, lock *Lock, p plan) (goal, error) {
 			r.rep.Action = ActionNothing
 		}
 		return goal{keyID: p.primary.KeyID}, nil
+	}
+	if err := r.distributed(true); err != nil {
+		return goal{}, err
 	}
 	r.rep.Action = ActionRotated
 	r.say("rotate: %s", p.due.why)
@@ -61,6 +67,21 @@ func (r *runner) decide(ctx context.Context, lock *Lock, p plan) (goal, error) {
 		return goal{}, fmt.Errorf("create: record target: %w", err)
 	}
 	return goal{keyID: v.KeyID, rotating: true}, nil
+}
+
+// distributed refuses a new primary that only this node's plugin could
+// decrypt with: per-node key state (a keyset file, a TPM) on more than one
+// apiserver, or on an unknown number, unless the operator said every
+// node's copy is kept the same. Nothing has changed when it refuses.
+func (r *runner) distributed(promoting bool) error {
+	if !promoting || r.opts.Scope != providers.ScopePerNode || r.opts.KeysetDistributed || len(r.APIServers) == 1 {
+		return nil
+	}
+	n := fmt.Sprintf("%d apiservers", len(r.APIServers))
+	if len(r.APIServers) == 0 {
+		n = "an unknown number of apiservers (none could be listed)"
+	}
+	return fmt.Errorf("the encrypting provider keeps its keys per node (keyState: perNode) and the cluster has %s: a version made here reaches only this node's keyset, and the other nodes' plugins would fail to read every object written under it. Keep one keyset on every node (README: the file provider on HA control planes) and rerun with --keyset-distributed; nothing was changed: %w", n, ErrNotDistributed)
 }
 
 // switchTo promotes the goal after the propagation wait when it is not the
@@ -87,7 +108,11 @@ func (r *runner) switchTo(ctx context.Context, p plan, g goal) error {
 // the primary.
 func (r *runner) promote(ctx context.Context, keyID string) error {
 	r.begin(PhasePropagate)
-	r.say("propagate: waiting %s so every plugin can decrypt with %s before any encrypts with it", r.opts.PropagationWait, keyID)
+	if r.opts.Scope == providers.ScopeShared && r.opts.PropagationWait == 0 {
+		r.say("propagate: key state is shared; every plugin looks %s up on first sight, no wait", keyID)
+	} else {
+		r.say("propagate: waiting %s so every plugin can decrypt with %s before any encrypts with it", r.opts.PropagationWait, keyID)
+	}
 	if err := sleep(ctx, r.opts.PropagationWait); err != nil {
 		return err
 	}

@@ -55,7 +55,7 @@ func serveCommand() *cobra.Command {
 			if configPath == "" {
 				return errors.New("--config is required: the plugin configuration file")
 			}
-			cfg, err := config.Load(configPath)
+			cfg, err := backends.Load(configPath)
 			if err != nil {
 				return err
 			}
@@ -81,16 +81,23 @@ func newLogger(c config.Log) hclog.Logger {
 // on every error path, so a failed start leaves no socket behind.
 func serve(ctx context.Context, cfg *config.Config) error {
 	log := newLogger(cfg.Log)
-	prov, err := backends.Open(ctx, cfg.Provider, log)
+	prov, err := backends.Open(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
 	defer prov.Close()
+	for i, e := range prov.Entries() {
+		role := "decrypts"
+		if i == 0 {
+			role = "encrypts"
+		}
+		log.Info("provider", "provider", e.Name, "role", role, "key_state", e.Scope)
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	svc, err := plugin.New(plugin.Options{
-		Provider:        prov,
+		Entries:         prov.Entries(),
 		Logger:          log,
 		Metrics:         plugin.NewMetrics(reg),
 		CheckInterval:   time.Duration(cfg.CheckInterval),

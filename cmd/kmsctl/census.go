@@ -13,7 +13,6 @@ import (
 	"k8s.io/client-go/metadata"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
-	"github.com/kms-v2/kms-plugin/config"
 	"github.com/kms-v2/kms-plugin/rotation"
 	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
@@ -24,6 +23,7 @@ const (
 	exitRetireRefused = 3 // --retire found the old key still in use
 	exitNotSwitched   = 4 // an apiserver did not switch to the new key
 	exitLocked        = 5 // another, live rotation holds the lease
+	exitNotShared     = 6 // a per-node provider's new version would reach one node only
 )
 
 // censusFlags are the flags of `kmsctl census`.
@@ -159,11 +159,12 @@ func currentKeyID(ctx context.Context, f censusFlags) (string, error) {
 	if f.configPath == "" {
 		return "", errors.New("the apiserver writes through a KMS v2 plugin: give --config (its primary is the current key_id) or --current-key-id")
 	}
-	cfg, err := config.Load(f.configPath)
+	cfg, err := backends.Load(f.configPath)
 	if err != nil {
 		return "", err
 	}
-	p, err := backends.Open(ctx, cfg.Provider, hclog.NewNullLogger())
+	// Only the first provider encrypts, so only its primary is current.
+	p, err := backends.OpenEntry(ctx, cfg.Providers[0], hclog.NewNullLogger())
 	if err != nil {
 		return "", err
 	}

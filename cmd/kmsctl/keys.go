@@ -16,14 +16,24 @@ import (
 	"github.com/kms-v2/kms-plugin/providers"
 )
 
-// keysConfig is the --config flag every `kmsctl keys` subcommand shares.
-type keysConfig struct{ path string }
+// keysConfig is the --config and --provider flags every `kmsctl keys`
+// subcommand shares.
+type keysConfig struct{ path, provider string }
 
 func (k *keysConfig) load() (*config.Config, error) {
 	if k.path == "" {
 		return nil, errors.New("--config is required: the plugin configuration file")
 	}
-	return config.Load(k.path)
+	return backends.Load(k.path)
+}
+
+// entry is the provider the flags select: --provider, else the first.
+func (k *keysConfig) entry() (config.Entry, error) {
+	cfg, err := k.load()
+	if err != nil {
+		return config.Entry{}, err
+	}
+	return backends.Entry(cfg, k.provider)
 }
 
 func cliLogger() hclog.Logger {
@@ -33,13 +43,18 @@ func cliLogger() hclog.Logger {
 // withRotator opens the provider for one lifecycle operation, with a
 // deadline so a provider that does not answer cannot hang the command.
 func (k *keysConfig) withRotator(fn func(context.Context, providers.Rotator) error) error {
-	cfg, err := k.load()
+	e, err := k.entry()
 	if err != nil {
 		return err
 	}
+	return withEntryRotator(e, fn)
+}
+
+// withEntryRotator opens entry e for one operation, under a deadline.
+func withEntryRotator(e config.Entry, fn func(context.Context, providers.Rotator) error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	p, r, err := backends.OpenRotator(ctx, cfg.Provider, cliLogger())
+	p, r, err := backends.OpenRotator(ctx, e, cliLogger())
 	if err != nil {
 		return err
 	}
@@ -54,6 +69,7 @@ func keysCommand() *cobra.Command {
 		Short: "List and manage key versions (init, list, create, promote, disable, enable)",
 	}
 	cmd.PersistentFlags().StringVar(&k.path, "config", "", "plugin configuration file (YAML)")
+	cmd.PersistentFlags().StringVar(&k.provider, "provider", "", "the configured provider to act on, by name (default: the first, which encrypts; list shows every one)")
 	cmd.AddCommand(
 		keysInitCommand(k),
 		keysListCommand(k),
@@ -74,11 +90,11 @@ func keysInitCommand(k *keysConfig) *cobra.Command {
 		Short: "Create the first key version (refuses if one exists)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := k.load()
+			e, err := k.entry()
 			if err != nil {
 				return err
 			}
-			v, err := backends.Init(context.Background(), cfg.Provider, cliLogger())
+			v, err := backends.Init(context.Background(), e, cliLogger())
 			if err != nil {
 				return err
 			}
@@ -92,19 +108,17 @@ func keysListCommand(k *keysConfig) *cobra.Command {
 	var output string
 	list := &cobra.Command{
 		Use:   "list",
-		Short: "List key versions with their state and creation time",
+		Short: "List every configured provider's key versions with their state and creation time",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != "" && output != "json" && output != "table" {
 				return fmt.Errorf("-o %q: want json or table", output)
 			}
-			return k.withRotator(func(ctx context.Context, r providers.Rotator) error {
-				vs, err := r.Versions(ctx)
-				if err != nil {
-					return err
-				}
-				return printVersions(cmd, vs, output)
-			})
+			vs, err := k.listVersions()
+			if err != nil {
+				return err
+			}
+			return printVersions(cmd, vs, output)
 		},
 	}
 	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
@@ -152,21 +166,55 @@ func lifecycle(verb, short string, op func(context.Context, providers.Rotator, s
 	}
 }
 
-func printVersions(cmd *cobra.Command, vs []providers.KeyVersion, output string) error {
-	if output == "json" {
-		if vs == nil {
-			vs = []providers.KeyVersion{}
+// listedVersion is one row of `keys list`: a version and its provider.
+type listedVersion struct {
+	Provider string `json:"provider"`
+	providers.KeyVersion
+}
+
+// listVersions lists the versions of --provider, or of every provider in
+// config order.
+func (k *keysConfig) listVersions() ([]listedVersion, error) {
+	cfg, err := k.load()
+	if err != nil {
+		return nil, err
+	}
+	entries := cfg.Providers
+	if k.provider != "" {
+		e, err := backends.Entry(cfg, k.provider)
+		if err != nil {
+			return nil, err
 		}
+		entries = []config.Entry{e}
+	}
+	out := []listedVersion{}
+	for _, e := range entries {
+		err := withEntryRotator(e, func(ctx context.Context, r providers.Rotator) error {
+			vs, err := r.Versions(ctx)
+			for _, v := range vs {
+				out = append(out, listedVersion{Provider: e.Name, KeyVersion: v})
+			}
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+func printVersions(cmd *cobra.Command, vs []listedVersion, output string) error {
+	if output == "json" {
 		return printJSON(cmd.OutOrStdout(), vs)
 	}
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "KEY ID\tSTATE\tCREATED")
+	fmt.Fprintln(w, "PROVIDER\tKEY ID\tSTATE\tCREATED")
 	for _, v := range vs {
 		created := "-"
 		if !v.Created.IsZero() {
 			created = v.Created.UTC().Format(time.RFC3339)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\n", v.KeyID, v.State, created)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", v.Provider, v.KeyID, v.State, created)
 	}
 	return w.Flush()
 }

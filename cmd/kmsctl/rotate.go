@@ -27,6 +27,7 @@ import (
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
 	"github.com/kms-v2/kms-plugin/config"
+	"github.com/kms-v2/kms-plugin/providers"
 	"github.com/kms-v2/kms-plugin/rotation"
 )
 
@@ -36,11 +37,13 @@ type rotateFlags struct {
 	cluster               clusterFlags
 	apiservers            []string
 	force, retire, dryRun bool
+	keysetDistributed     bool
 	ifOlderThan           time.Duration
 	concurrency           int
 	output                string
 	metricsAddr           string
 	propagationWait       time.Duration
+	propagationWaitSet    bool
 	passiveWait           time.Duration
 	confirmTimeout        time.Duration
 	leaseDuration         time.Duration
@@ -74,9 +77,19 @@ Every step is derived from observed state (the provider's versions, a Lease in
 kube-system, etcd), so running it again after a crash finishes the job; a
 rerun on the same host takes over the lease of a run that provably died.
 Exit codes: 0 done; 2 objects remain; 3 --retire refused; 4 an apiserver did
-not switch; 5 another, live rotation holds the lease; 1 other errors.`,
+not switch; 5 another, live rotation holds the lease; 6 the encrypting
+provider keeps keys per node and --keyset-distributed was not given on more
+than one apiserver; 1 other errors.
+
+With several providers in --config (providers:), the first is the one
+rotated and every object not under its primary is rewritten; --retire then
+also disables the versions of the others (their primaries stay) once no
+object anywhere in etcd uses them, and says which can leave the config.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runRotate(cmd, f) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f.propagationWaitSet = cmd.Flags().Changed("propagation-wait")
+			return runRotate(cmd, f)
+		},
 	}
 	f.register(cmd.Flags())
 	return cmd
@@ -88,12 +101,13 @@ func (f *rotateFlags) register(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&f.apiservers, "apiservers", nil, "every apiserver's URL, to confirm each one switched (default: the `kubernetes` EndpointSlices)")
 	fs.BoolVar(&f.force, "force", false, "rotate to a new key version now")
 	fs.DurationVar(&f.ifOlderThan, "if-older-than", 0, "rotate when the primary is older than this, e.g. 720h")
-	fs.BoolVar(&f.retire, "retire", false, "disable old key versions once etcd proves nothing uses them")
+	fs.BoolVar(&f.retire, "retire", false, "disable old key versions, and the versions of decrypt-only providers, once etcd proves nothing uses them")
+	fs.BoolVar(&f.keysetDistributed, "keyset-distributed", false, "the encrypting provider keeps keys per node (a keyset file, a TPM) and every node's copy is kept the same; without it a new version is refused on more than one apiserver")
 	fs.IntVar(&f.concurrency, "concurrency", 32, "most patches in flight; the actual number adapts to the apiserver's latency and 429s")
 	fs.BoolVar(&f.dryRun, "dry-run", false, "plan and count only; change nothing but kmsctl's own canaries")
 	fs.StringVarP(&f.output, "output", "o", "text", "report format: text or json")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics of the run on this address, e.g. :9090")
-	fs.DurationVar(&f.propagationWait, "propagation-wait", 0, "wait between creating and promoting a version (default: twice the config's refreshInterval plus 1s)")
+	fs.DurationVar(&f.propagationWait, "propagation-wait", 0, "wait between creating and promoting a version (default: none for shared key state, whose plugins look a new key_id up on first sight; twice the config's refreshInterval plus 1s for per-node key state)")
 	fs.DurationVar(&f.passiveWait, "passive-wait", 0, "wait after promoting when apiservers cannot be confirmed one by one (default 3+N+5 minutes, N the refresh interval in whole minutes)")
 	fs.DurationVar(&f.confirmTimeout, "confirm-timeout", 3*time.Minute, "how long each apiserver may take to switch")
 	fs.DurationVar(&f.leaseWait, "lease-wait", 15*time.Minute, "how long to wait for another run's lease to expire; a run that renews it meanwhile is alive (exit 5)")
@@ -124,6 +138,8 @@ func (f *rotateFlags) validate() error {
 		return fmt.Errorf("--concurrency %d: want at least 1", f.concurrency)
 	case f.tolerance <= 1:
 		return fmt.Errorf("--latency-tolerance %g: want more than 1", f.tolerance)
+	case f.propagationWait < 0:
+		return fmt.Errorf("--propagation-wait %s: want 0 or more", f.propagationWait)
 	case f.leaseWait < 0:
 		return fmt.Errorf("--lease-wait %s: want 0 or more", f.leaseWait)
 	}
@@ -173,10 +189,11 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 // rotate builds the run from the flags and runs it. The report is nil when
 // the run could not start.
 func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Report, error) {
-	cfg, err := config.Load(f.configPath)
+	cfg, err := backends.Load(f.configPath)
 	if err != nil {
 		return nil, err
 	}
+	first := cfg.Providers[0]
 	encCfg, err := f.cluster.loadEncryptionConfig()
 	if err != nil {
 		return nil, err
@@ -186,11 +203,16 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 		return nil, err
 	}
 	logger := hclog.New(&hclog.LoggerOptions{Name: "kmsctl", Level: hclog.Warn, Output: stderr})
-	prov, rot, err := backends.OpenRotator(ctx, cfg.Provider, logger)
+	prov, rot, err := backends.OpenRotator(ctx, first, logger)
 	if err != nil {
 		return nil, err
 	}
 	defer prov.Close()
+	decryptOnly, closeOld, err := f.openDecryptOnly(ctx, cfg, logger)
+	if err != nil {
+		return nil, err
+	}
+	defer closeOld()
 	e, closeEtcd, err := f.cluster.openEtcd()
 	if err != nil {
 		return nil, err
@@ -199,7 +221,7 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	r, err := rotation.New(ctx, rotation.Config{
-		REST: restCfg, Rotator: rot, Etcd: e, APIServers: f.apiservers, Discover: !f.dryRun,
+		REST: restCfg, Rotator: rot, DecryptOnly: decryptOnly, Etcd: e, APIServers: f.apiservers, Discover: !f.dryRun,
 		Concurrency: f.concurrency, InitialConcurrency: f.initialConcurrency, Tolerance: f.tolerance,
 		ProbeInterval: f.probeInterval, Logger: logger, Out: stderr, Registry: reg,
 	})
@@ -213,7 +235,7 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 		}
 		defer stop()
 	}
-	opts, err := f.options(ctx, time.Duration(cfg.RefreshInterval), e, encCfg, stderr)
+	opts, err := f.options(ctx, first.KeyState, time.Duration(cfg.RefreshInterval), e, encCfg, stderr)
 	if err != nil {
 		return nil, err
 	}
@@ -222,7 +244,7 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 }
 
 // options turns the flags into the run's options.
-func (f *rotateFlags) options(ctx context.Context, refresh time.Duration, e rotation.Etcd, encCfg *rotation.EncryptionConfig, stderr io.Writer) (rotation.Options, error) {
+func (f *rotateFlags) options(ctx context.Context, scope providers.Scope, refresh time.Duration, e rotation.Etcd, encCfg *rotation.EncryptionConfig, stderr io.Writer) (rotation.Options, error) {
 	res, err := f.cluster.resolveResources(ctx, e, encCfg)
 	if err != nil {
 		return rotation.Options{}, err
@@ -236,7 +258,11 @@ func (f *rotateFlags) options(ctx context.Context, refresh time.Duration, e rota
 		// proven later, so a rerun waits for the lease to expire.
 		fmt.Fprintf(stderr, "lease: holder identity is partial (%v); a crash of this run cannot be proven later\n", err)
 	}
-	if f.propagationWait == 0 {
+	switch {
+	case f.propagationWaitSet:
+	case scope == providers.ScopeShared:
+		f.propagationWait = 0
+	default:
 		f.propagationWait = 2*refresh + time.Second
 	}
 	if f.passiveWait == 0 {
@@ -245,9 +271,35 @@ func (f *rotateFlags) options(ctx context.Context, refresh time.Duration, e rota
 	return rotation.Options{
 		Resources: res, EncryptionConfig: encCfg,
 		Force: f.force, IfOlderThan: f.ifOlderThan, Retire: f.retire, DryRun: f.dryRun,
-		PropagationWait: f.propagationWait, PassiveWait: f.passiveWait, ConfirmTimeout: f.confirmTimeout,
+		PropagationWait: f.propagationWait, Scope: scope, KeysetDistributed: f.keysetDistributed, PassiveWait: f.passiveWait, ConfirmTimeout: f.confirmTimeout,
 		Lock: rotation.LockOptions{Holder: holder, Duration: f.leaseDuration, Wait: f.leaseWait, Out: stderr},
 	}, nil
+}
+
+// openDecryptOnly opens the providers after the first, which only
+// --retire needs: it counts their objects and disables their versions.
+func (f *rotateFlags) openDecryptOnly(ctx context.Context, cfg *config.Config, logger hclog.Logger) ([]rotation.DecryptOnly, func(), error) {
+	var out []rotation.DecryptOnly
+	var opened []providers.Provider
+	closeAll := func() {
+		for _, p := range opened {
+			p.Close()
+		}
+	}
+	if !f.retire {
+		return nil, closeAll, nil
+	}
+	for _, e := range cfg.Providers[1:] {
+		p, err := backends.OpenEntry(ctx, e, logger)
+		if err != nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("%w (--retire counts and retires every decrypt-only provider)", err)
+		}
+		opened = append(opened, p)
+		r, _ := p.(providers.Rotator)
+		out = append(out, rotation.DecryptOnly{Name: e.Name, Owns: p.Owns, Rotator: r})
+	}
+	return out, closeAll, nil
 }
 
 // startCPUProfile writes a Go CPU profile of the run to path, if set.
@@ -282,6 +334,8 @@ func rotateExit(err error) error {
 		return &exitError{exitObjectsRemain, err}
 	case errors.Is(err, rotation.ErrRetireRefused):
 		return &exitError{exitRetireRefused, err}
+	case errors.Is(err, rotation.ErrNotDistributed):
+		return &exitError{exitNotShared, err}
 	}
 	return err
 }

@@ -1,8 +1,8 @@
-// Package backends is the one visible map of compiled-in key providers: it
-// turns the provider section of a loaded config into a ready
-// providers.Provider, or creates a backend's first key. Only the binaries
-// under cmd/ import it, so the service and the orchestrator stay free of any
-// backend.
+// Package backends is the one visible list of compiled-in key providers,
+// and opens the providers a loaded config names. Each backend declares
+// itself once (providers.Kind, in its own package); this list is where a
+// binary chooses which exist. Only the binaries under cmd/ import it, so
+// the service, the config and the orchestrator stay free of any backend.
 package backends
 
 import (
@@ -15,88 +15,81 @@ import (
 	"github.com/kms-v2/kms-plugin/providers"
 	"github.com/kms-v2/kms-plugin/providers/azurekv"
 	"github.com/kms-v2/kms-plugin/providers/file"
+	"github.com/kms-v2/kms-plugin/providers/multi"
 	"github.com/kms-v2/kms-plugin/providers/pkcs11"
 )
 
-// backend opens a provider or creates its first key from its config section.
-type backend struct {
-	open func(context.Context, config.Provider, hclog.Logger) (providers.Provider, error)
-	init func(context.Context, config.Provider, hclog.Logger) (providers.KeyVersion, error)
-}
+// Kinds are the compiled-in backends, as config.Load takes them.
+var Kinds = providers.Kinds{file.Kind, pkcs11.Kind, azurekv.Kind}
 
-// registry maps the YAML name of each backend section to its constructors.
-var registry = map[string]backend{
-	"file": {
-		open: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.Provider, error) {
-			return file.New(ctx, *p.File, l)
-		},
-		init: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.KeyVersion, error) {
-			return file.Init(ctx, *p.File, l)
-		},
-	},
-	"pkcs11": {
-		open: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.Provider, error) {
-			return pkcs11.New(ctx, *p.PKCS11, l)
-		},
-		init: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.KeyVersion, error) {
-			return pkcs11.Init(ctx, *p.PKCS11, l)
-		},
-	},
-	"azureKeyVault": {
-		open: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.Provider, error) {
-			return azurekv.New(ctx, *p.AzureKeyVault, l)
-		},
-		init: func(ctx context.Context, p config.Provider, l hclog.Logger) (providers.KeyVersion, error) {
-			return azurekv.Init(ctx, *p.AzureKeyVault, l)
-		},
-	},
-}
+// Load reads the configuration file with the compiled-in backends.
+func Load(path string) (*config.Config, error) { return config.Load(path, Kinds) }
 
-func lookup(p config.Provider) (string, backend, error) {
-	name, _, err := p.Backend()
-	if err != nil {
-		return "", backend{}, err
+// Open opens every configured provider, in order, each logging with its
+// entry's name. On any failure the ones already open are closed.
+func Open(ctx context.Context, cfg *config.Config, logger hclog.Logger) (*multi.Provider, error) {
+	var entries []multi.Entry
+	closeAll := func() {
+		for _, e := range entries {
+			e.Provider.Close()
+		}
 	}
-	b, ok := registry[name]
-	if !ok {
-		return "", backend{}, fmt.Errorf("provider.%s is not compiled into this binary", name)
+	for _, e := range cfg.Providers {
+		p, err := OpenEntry(ctx, e, logger)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		entries = append(entries, multi.Entry{Name: e.Name, Scope: e.KeyState, Provider: p})
 	}
-	return name, b, nil
-}
-
-// Open returns the configured provider, ready to use.
-func Open(ctx context.Context, p config.Provider, logger hclog.Logger) (providers.Provider, error) {
-	_, b, err := lookup(p)
+	m, err := multi.New(ctx, entries)
 	if err != nil {
+		closeAll()
 		return nil, err
 	}
-	return b.open(ctx, p, logger)
+	return m, nil
 }
 
-// Init creates the configured backend's first key version.
-func Init(ctx context.Context, p config.Provider, logger hclog.Logger) (providers.KeyVersion, error) {
-	_, b, err := lookup(p)
+// OpenEntry opens one configured provider.
+func OpenEntry(ctx context.Context, e config.Entry, logger hclog.Logger) (providers.Provider, error) {
+	p, err := e.Kind.Open(ctx, e.Section, logger.With("provider", e.Name))
 	if err != nil {
-		return providers.KeyVersion{}, err
+		return nil, fmt.Errorf("provider %s: %w", e.Name, err)
 	}
-	return b.init(ctx, p, logger)
+	return p, nil
 }
 
-// OpenRotator returns the configured provider and its Rotator capability,
-// or an error naming the backend when it cannot manage versions.
-func OpenRotator(ctx context.Context, p config.Provider, logger hclog.Logger) (providers.Provider, providers.Rotator, error) {
-	name, b, err := lookup(p)
+// Init creates the first key version of the entry.
+func Init(ctx context.Context, e config.Entry, logger hclog.Logger) (providers.KeyVersion, error) {
+	return e.Kind.Init(ctx, e.Section, logger.With("provider", e.Name))
+}
+
+// Entry returns the entry named name, or the first when name is empty.
+func Entry(cfg *config.Config, name string) (config.Entry, error) {
+	if name == "" {
+		return cfg.Providers[0], nil
+	}
+	var names []string
+	for _, e := range cfg.Providers {
+		if e.Name == name {
+			return e, nil
+		}
+		names = append(names, e.Name)
+	}
+	return config.Entry{}, fmt.Errorf("--provider %q: the config has no such provider; it has %v", name, names)
+}
+
+// OpenRotator opens one entry and its Rotator capability, or fails naming
+// the entry when its backend cannot manage versions from here.
+func OpenRotator(ctx context.Context, e config.Entry, logger hclog.Logger) (providers.Provider, providers.Rotator, error) {
+	p, err := OpenEntry(ctx, e, logger)
 	if err != nil {
 		return nil, nil, err
 	}
-	prov, err := b.open(ctx, p, logger)
-	if err != nil {
-		return nil, nil, err
-	}
-	r, ok := prov.(providers.Rotator)
+	r, ok := p.(providers.Rotator)
 	if !ok {
-		prov.Close()
-		return nil, nil, fmt.Errorf("provider.%s cannot manage key versions from here; use the backend's own tools", name)
+		p.Close()
+		return nil, nil, fmt.Errorf("provider %s (%s) cannot manage key versions from here; use the backend's own tools", e.Name, e.Kind.Name)
 	}
-	return prov, r, nil
+	return p, r, nil
 }
