@@ -46,10 +46,32 @@ func TestPKCS11ControlPlane(t *testing.T) {
 // reached through the real SDK: client-secret login at the emulator's Entra
 // endpoints, TLS trusted through a CA file, keys wrapped by the vault.
 func TestAzureKeyVaultControlPlane(t *testing.T) {
-	const (
-		clientID = "kms-plugin-e2e"
-		keyName  = "k8s-kek"
-	)
+	kv := startKeyVault(t, "k8s-kek")
+	runProviderControlPlane(t, providerCase{
+		opts:        harness.Options{ProviderYAML: kv.yaml},
+		keyIDPrefix: kv.keyIDPrefix,
+		backendUnwraps: func() int64 {
+			return kv.e.Counts().Unwrap
+		},
+	})
+}
+
+// keyVault is the Key Vault emulator running in this test process, with a
+// client-secret identity, and the provider section that reaches it
+// through the real SDK: login at the emulator's Entra endpoints, TLS
+// trusted through a CA file.
+type keyVault struct {
+	e *emulator.Emulator
+	// yaml is the body of a provider entry: "azureKeyVault:\n  ...".
+	yaml string
+	// keyIDPrefix starts every key_id of the key.
+	keyIDPrefix string
+}
+
+// startKeyVault starts the emulator for the test's lifetime.
+func startKeyVault(t *testing.T, keyName string) keyVault {
+	t.Helper()
+	const clientID = "kms-plugin-e2e"
 	secret := "e2e-" + provRandomHex(t, 16)
 	dir := t.TempDir()
 	e, err := emulator.Start(emulator.Options{Dir: dir, Clients: map[string]string{clientID: secret}})
@@ -78,14 +100,7 @@ func TestAzureKeyVaultControlPlane(t *testing.T) {
     clientSecretFile: %q
     authorityHost: %q
 `, e.URL, keyName, e.CAFile, e.TenantID, clientID, secretFile, e.URL)
-
-	runProviderControlPlane(t, providerCase{
-		opts:        harness.Options{ProviderYAML: yaml},
-		keyIDPrefix: "azurekv:" + u.Host + "/" + keyName + "/",
-		backendUnwraps: func() int64 {
-			return e.Counts().Unwrap
-		},
-	})
+	return keyVault{e: e, yaml: yaml, keyIDPrefix: "azurekv:" + u.Host + "/" + keyName + "/"}
 }
 
 // providerCase is one backend for runProviderControlPlane.
@@ -179,7 +194,7 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 	// /readyz/kms-providers makes one once the last healthy result is 20 s
 	// old. Write until a write lands under the new key_id.
 	start := time.Now()
-	newKey := provWaitForWriteUnder(ctx, t, c, ns, id, 2*time.Minute)
+	newKey := provWaitForWriteUnder(ctx, t, c, a, ns, id, 2*time.Minute)
 	t.Logf("a write landed under the promoted key_id %s after the promote", time.Since(start).Round(time.Second))
 	provCheckStored(ctx, t, c, newKey, wantPrefix, id)
 	for _, k := range oldObjects {
@@ -223,12 +238,11 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 	provCheckNoPlaintext(ctx, t, c, ns, map[string]string{"secret value": secretValue, "configmap value": cmValue})
 }
 
-// provWaitForWriteUnder writes a fresh secret in ns every second, nudging
-// the apiserver's Status call first, until one is stored under keyID. It
+// provWaitForWriteUnder writes a fresh secret in ns through a every second,
+// nudging a's Status call first, until one is stored under keyID. It
 // returns that secret's etcd key and fails the test at the deadline.
-func provWaitForWriteUnder(ctx context.Context, t *testing.T, c *harness.Cluster, ns, keyID string, timeout time.Duration) string {
+func provWaitForWriteUnder(ctx context.Context, t *testing.T, c *harness.Cluster, a *harness.APIServer, ns, keyID string, timeout time.Duration) string {
 	t.Helper()
-	a := c.APIServers[0]
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var key string

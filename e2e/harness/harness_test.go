@@ -22,6 +22,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/kms-v2/kms-plugin/config"
+	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/providers/file"
 	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
@@ -112,12 +114,23 @@ func TestPluginConfigLoads(t *testing.T) {
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := config.Load(path)
+	kinds := providers.Kinds{file.Kind}
+	cfg, err := config.Load(path, kinds)
 	if err != nil {
 		t.Fatalf("config.Load of the harness's plugin config: %v\n%s", err, data)
 	}
-	if got, want := cfg.Provider.File.Path, c.KeysetPath(); got != want {
+	if got, want := cfg.Providers[0].Section.Instance(), c.KeysetPath(); got != want {
 		t.Errorf("provider.file.path: got %q, want %q", got, want)
+	}
+	p.ConfigPath = path
+	if err := p.SetProviders("file: {path: /new.json}", "name: old\nfile: {path: "+c.KeysetPath()+"}"); err != nil {
+		t.Fatal(err)
+	}
+	if cfg, err = config.Load(path, kinds); err != nil {
+		t.Fatalf("config.Load after SetProviders: %v", err)
+	}
+	if got := cfg.Providers; len(got) != 2 || got[0].Section.Instance() != "/new.json" || got[1].Name != "old" {
+		t.Errorf("after SetProviders: got %+v, want /new.json then old", got)
 	}
 	if got, want := time.Duration(cfg.RefreshInterval), 3*time.Second; got != want {
 		t.Errorf("refreshInterval: got %s, want %s (PluginSettings override)", got, want)

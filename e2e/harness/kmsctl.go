@@ -60,9 +60,11 @@ func hasFlag(args []string, flag string) bool {
 
 // Key is one entry of `kmsctl keys list -o json`.
 type Key struct {
-	KeyID   string    `json:"keyID"`
-	State   string    `json:"state"`
-	Created time.Time `json:"created"`
+	// Provider is the configured provider the version belongs to.
+	Provider string    `json:"provider"`
+	KeyID    string    `json:"keyID"`
+	State    string    `json:"state"`
+	Created  time.Time `json:"created"`
 }
 
 // Keys lists the provider's key versions through kmsctl.
@@ -78,7 +80,8 @@ func (c *Cluster) Keys() ([]Key, error) {
 	return keys, nil
 }
 
-// PrimaryKeyID returns the key_id kmsctl reports as primary.
+// PrimaryKeyID returns the key_id kmsctl reports as primary for the first
+// configured provider, the one that encrypts.
 func (c *Cluster) PrimaryKeyID() (string, error) {
 	keys, err := c.Keys()
 	if err != nil {
@@ -86,7 +89,7 @@ func (c *Cluster) PrimaryKeyID() (string, error) {
 	}
 	var primary []string
 	for _, k := range keys {
-		if k.State == "primary" {
+		if k.State == "primary" && k.Provider == keys[0].Provider {
 			primary = append(primary, k.KeyID)
 		}
 	}

@@ -102,6 +102,43 @@ func (c *Cluster) pluginConfig(p *Plugin) ([]byte, error) {
 	return yaml.Marshal(cfg)
 }
 
+// Configure rewrites the plugin's config file: edit gets the config as a
+// map (socket, health, provider, ...) and changes it. Restart applies it.
+func (p *Plugin) Configure(edit func(cfg map[string]any)) error {
+	b, err := os.ReadFile(p.ConfigPath)
+	if err != nil {
+		return err
+	}
+	cfg := map[string]any{}
+	if err := yaml.Unmarshal(b, &cfg); err != nil {
+		return fmt.Errorf("%s: %w", p.ConfigPath, err)
+	}
+	edit(cfg)
+	out, err := yaml.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(p.ConfigPath, out, 0o600)
+}
+
+// SetProviders rewrites the plugin's config with a providers: list in
+// place of provider:, each entry given as YAML (e.g. "name: old\nfile:
+// {path: /k.json}"). The first encrypts. Restart applies it.
+func (p *Plugin) SetProviders(entries ...string) error {
+	var list []any
+	for _, e := range entries {
+		m := map[string]any{}
+		if err := yaml.Unmarshal([]byte(e), &m); err != nil {
+			return fmt.Errorf("provider entry %q: %w", e, err)
+		}
+		list = append(list, m)
+	}
+	return p.Configure(func(cfg map[string]any) {
+		delete(cfg, "provider")
+		cfg["providers"] = list
+	})
+}
+
 // KeysetPath is the file keyset every plugin shares when Options.ProviderYAML
 // is empty.
 func (c *Cluster) KeysetPath() string { return filepath.Join(c.SharedDir, "keyset.json") }
