@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -51,6 +52,7 @@ func rotateArgs(c *harness.Cluster, extra ...string) []string {
 func runKmsctl(ctx context.Context, t *testing.T, c *harness.Cluster, args ...string) kmsctlRun {
 	t.Helper()
 	cmd := exec.CommandContext(ctx, c.KmsctlPath(), args...)
+	cmd.Env = append(os.Environ(), c.Env()...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()

@@ -43,6 +43,10 @@ func (c *Cluster) KmsctlContext(ctx context.Context, args ...string) (string, er
 	return stdout.String(), nil
 }
 
+// Env is what Options.Env adds to every kms-plugin and kmsctl process, for
+// tests that run kmsctl themselves.
+func (c *Cluster) Env() []string { return c.opts.Env }
+
 // KmsctlPath is the kmsctl binary, for tests that run it themselves.
 func (c *Cluster) KmsctlPath() string { return c.bins.kmsctl }
 
