@@ -173,14 +173,15 @@ func (m *migration) roll(t *testing.T, entries func(i int) []string, after func(
 }
 
 // sharedPromoteWithoutWait rotates Key Vault (shared key state) with no
-// propagation wait while plugin 1 refreshes its key state only every 30 s:
-// apiserver 1 reads what apiserver 0 writes under the new version before
-// its plugin's next refresh, which works only because a plugin looks an
-// unknown key_id up once. Not one read may fail.
+// propagation wait while plugin 1 would refresh its key state only after
+// 10 minutes: apiserver 1 reads what apiserver 0 writes under the new
+// version long before that, which works only because a plugin looks an
+// unknown key_id up once (that lookup also teaches plugin 1 the new
+// primary, so apiserver 1 switches too). Not one read may fail.
 func (m *migration) sharedPromoteWithoutWait(t *testing.T) {
 	ctx, c := t.Context(), m.c
 	slow := c.Plugins[1]
-	if err := slow.Configure(func(cfg map[string]any) { cfg["refreshInterval"] = "30s" }); err != nil {
+	if err := slow.Configure(func(cfg map[string]any) { cfg["refreshInterval"] = "10m" }); err != nil {
 		t.Fatal(err)
 	}
 	if err := slow.Restart(ctx); err != nil {

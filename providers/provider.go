@@ -103,6 +103,14 @@ type Rotator interface {
 // Refresher is the optional capability of providers that can reload their
 // key state on demand (the plugin's background loop calls it; tests use it to
 // avoid waiting for an interval).
+//
+// It is deliberately not Check. Check answers "does the backend work for
+// us" and flips Status's health; it may cost a cryptographic round trip
+// (Key Vault wraps and unwraps). Refresh answers "which versions exist and
+// which is primary" and keeps the last good state when it fails, so a
+// backend hiccup never takes away keys the plugin already knows. They run
+// on their own intervals (checkInterval, refreshInterval), and a backend
+// whose state never changes has nothing to refresh.
 type Refresher interface {
 	Refresh(ctx context.Context) error
 }
