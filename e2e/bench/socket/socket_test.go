@@ -23,6 +23,7 @@ import (
 	"github.com/kms-v2/kms-plugin/plugin"
 	"github.com/kms-v2/kms-plugin/providers"
 	"github.com/kms-v2/kms-plugin/providers/file"
+	"github.com/kms-v2/kms-plugin/providers/multi"
 	"github.com/kms-v2/kms-plugin/providers/pkcs11"
 	"github.com/kms-v2/kms-plugin/providers/pkcs11/pkcs11test"
 )
@@ -79,7 +80,13 @@ func serveFloor(b *testing.B) string {
 
 // servePlugin runs the real service (interceptors, validation, metrics) over p.
 func servePlugin(b *testing.B, p providers.Provider) string {
-	svc, err := plugin.New(plugin.Options{Provider: p, Logger: hclog.NewNullLogger(), Metrics: plugin.NewMetrics(nil), CheckInterval: time.Second, RefreshInterval: time.Second})
+	return servePluginEntries(b, multi.Entry{Name: "bench", Scope: providers.ScopeShared, Provider: p})
+}
+
+// servePluginEntries runs the real service over several providers; the
+// first encrypts.
+func servePluginEntries(b *testing.B, es ...multi.Entry) string {
+	svc, err := plugin.New(plugin.Options{Entries: es, Logger: hclog.NewNullLogger(), Metrics: plugin.NewMetrics(nil), CheckInterval: time.Second, RefreshInterval: time.Second})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -193,8 +200,9 @@ var (
 	rounds = 3
 )
 
-// BenchmarkSocket compares the plugin (file provider, and pkcs11 on SoftHSM2)
-// with the floor at 1 and 16 concurrent callers. Run it once per invocation
+// BenchmarkSocket compares the plugin (file provider, pkcs11 on SoftHSM2,
+// and file with pkcs11 listed second) with the floor at 1 and 16
+// concurrent callers. Run it once per invocation
 // (-benchtime 1x): every number it reports comes from the same run.
 func BenchmarkSocket(b *testing.B) {
 	dir := b.TempDir()
@@ -224,6 +232,11 @@ func BenchmarkSocket(b *testing.B) {
 		{"floor", connect(b, serveFloor(b))},
 		{"file", connect(b, servePlugin(b, fp))},
 		{"pkcs11", connect(b, servePlugin(b, pp))},
+		// A provider migration's first phase: file encrypts, pkcs11 is
+		// listed to decrypt; every call is routed past it.
+		{"file+pkcs11", connect(b, servePluginEntries(b,
+			multi.Entry{Name: "file", Scope: providers.ScopePerNode, Provider: fp},
+			multi.Entry{Name: "pkcs11", Scope: providers.ScopeShared, Provider: pp}))},
 	}
 	for _, callers := range []int{1, 16} {
 		b.Run(fmt.Sprintf("callers=%d", callers), func(b *testing.B) {
