@@ -54,7 +54,7 @@ func BenchmarkDecryptStorm(b *testing.B) {
 			var wall time.Duration
 			b.ResetTimer()
 			for n := 0; n < b.N; n++ {
-				p.cache.purge()
+				p.unwrapper.Purge()
 				e.ResetCounts()
 				var next atomic.Int64
 				var failed atomic.Int64

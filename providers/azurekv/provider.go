@@ -15,7 +15,6 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/to"
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/kms-v2/kms-plugin/providers"
 )
@@ -41,10 +40,10 @@ type Provider struct {
 
 	keys    *providers.KeyCache[*state]
 	breaker *breaker
-	cache   *unwrapCache
-	unwraps singleflight.Group
-	warned  sync.Once
-	closed  atomic.Bool
+	// unwrapper coalesces identical unwraps and caches their seeds.
+	unwrapper *providers.Unwrapper
+	warned    sync.Once
+	closed    atomic.Bool
 }
 
 var (
@@ -139,7 +138,8 @@ func open(cfg Config, logger hclog.Logger) (*Provider, error) {
 	}
 	p := &Provider{
 		cfg: cfg, log: logger.Named("azurekv"), client: client, hc: hc,
-		host: vaultHost(u.Host), alg: alg, cache: newUnwrapCache(size, ttl),
+		host: vaultHost(u.Host), alg: alg,
+		unwrapper: providers.NewUnwrapper(providers.UnwrapOptions{CacheSize: size, CacheTTL: ttl, NoCoalescing: cfg.disableCoalescing, SharedTimeout: sharedCallTimeout}),
 	}
 	p.keys = providers.NewKeyCache(p.load, p.published)
 	p.breaker = newBreaker(func(open bool, until time.Time, cause error) {
@@ -214,12 +214,8 @@ func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, err
 	if !v.enabled {
 		return nil, fmt.Errorf("azurekv: decrypt: %s is disabled; `kmsctl keys enable` it to read data it protects: %w", s.KeyID, providers.ErrKeyDisabled)
 	}
-	ck := newCacheKey(s.KeyID, s.Ciphertext)
-	if seed, ok := p.cache.get(ck); ok {
-		return seed, nil
-	}
 	ct := bytes.Clone(s.Ciphertext)
-	unwrap := func(ctx context.Context) ([]byte, error) {
+	return p.unwrapper.Unwrap(ctx, s.KeyID, ct, func(ctx context.Context) ([]byte, error) {
 		var resp azkeys.UnwrapKeyResponse
 		err := p.call(opUnwrap, p.cfg.KeyName+"/"+v.id, func() (err error) {
 			resp, err = p.client.UnwrapKey(ctx, p.cfg.KeyName, v.id, azkeys.KeyOperationParameters{Algorithm: &p.alg, Value: ct}, nil)
@@ -236,26 +232,8 @@ func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, err
 			clear(resp.Result)
 			return nil, fmt.Errorf("azurekv: unwrapkey %s/%s: not a seed: %w", p.cfg.KeyName, v.id, providers.ErrInvalidCiphertext)
 		}
-		p.cache.put(ck, resp.Result)
 		return resp.Result, nil
-	}
-	if p.cfg.disableCoalescing {
-		return unwrap(ctx)
-	}
-	ch := p.unwraps.DoChan(string(ck[:]), func() (any, error) {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedCallTimeout)
-		defer cancel()
-		return unwrap(ctx)
 	})
-	select {
-	case r := <-ch:
-		if r.Err != nil {
-			return nil, r.Err
-		}
-		return bytes.Clone(r.Val.([]byte)), nil
-	case <-ctx.Done():
-		return nil, fmt.Errorf("azurekv: decrypt %s: %w: %w", s.KeyID, ctx.Err(), providers.ErrUnavailable)
-	}
 }
 
 // parseKeyID returns the version a key_id of this vault and key names.
@@ -442,7 +420,7 @@ func (p *Provider) Close() error {
 	if p.closed.Swap(true) {
 		return nil
 	}
-	p.cache.purge()
+	p.unwrapper.Purge()
 	p.hc.CloseIdleConnections()
 	return nil
 }

@@ -246,34 +246,6 @@ func TestBreaker(t *testing.T) {
 	}
 }
 
-func TestCache(t *testing.T) {
-	now := time.Unix(1000, 0)
-	c := newUnwrapCache(2, time.Minute)
-	c.now = func() time.Time { return now }
-	k1, k2, k3 := newCacheKey("a", []byte{1}), newCacheKey("a", []byte{2}), newCacheKey("b", []byte{1})
-	if k1 == k3 {
-		t.Fatal("the cache key ignores the key_id")
-	}
-	c.put(k1, []byte("one"))
-	c.put(k2, []byte("two"))
-	got, _ := c.get(k1) // k1 is now most recent
-	got[0] = 'X'        // callers get copies
-	c.put(k3, []byte("three"))
-	if _, ok := c.get(k2); ok {
-		t.Error("the least recently used entry survived an overflow")
-	}
-	if v, ok := c.get(k1); !ok || string(v) != "one" {
-		t.Errorf("get(k1) = %q, %v; want \"one\"", v, ok)
-	}
-	now = now.Add(time.Minute)
-	if _, ok := c.get(k3); ok {
-		t.Error("an expired entry was served")
-	}
-	if newUnwrapCache(0, time.Minute) != nil {
-		t.Error("size 0 did not turn the cache off")
-	}
-}
-
 // More versions than one list page: the pager follows nextLink.
 func TestManyVersionsArePaged(t *testing.T) {
 	e := startEmulator(t, emulator.Options{KeySize: 1024})
