@@ -96,7 +96,7 @@ func (m *migration) perNodeKeysetsRefuseRotation(t *testing.T) {
 	}
 	before, _ := c.Keys()
 	primary := mustPrimary(t, c)
-	r := runKmsctl(ctx, t, c, rotateArgs(c, "--force")...)
+	r := runKmsctl(ctx, t, c, perNodeRotateArgs(c, "--force")...)
 	if r.code != 6 || !strings.Contains(r.stderr, "--keyset-distributed") || !strings.Contains(r.stderr, "2 apiservers") {
 		t.Fatalf("rotate --force on per-node keysets: exit %d, want 6 with the fix named\n%s", r.code, r.stderr)
 	}

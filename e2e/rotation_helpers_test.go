@@ -36,8 +36,14 @@ type kmsctlRun struct {
 
 // rotateArgs are the flags every rotate in these tests needs: the
 // kubeconfig of apiserver 0, etcd, and every apiserver so each is confirmed
-// one by one.
+// one by one. --keyset-distributed: the harness's plugins share one keyset
+// file (per-node key state kept the same on every "node").
 func rotateArgs(c *harness.Cluster, extra ...string) []string {
+	return append(perNodeRotateArgs(c, "--keyset-distributed"), extra...)
+}
+
+// perNodeRotateArgs are rotateArgs without --keyset-distributed.
+func perNodeRotateArgs(c *harness.Cluster, extra ...string) []string {
 	var urls []string
 	for _, a := range c.APIServers {
 		urls = append(urls, a.URL)

@@ -298,8 +298,16 @@ func testRestartsMidRewrite(ctx context.Context, t *testing.T, c *harness.Cluste
 	go func() {
 		done <- runKmsctl(ctx, t, c, rotateArgs(c, "--force", "--retire", "--resources", "secrets,configmaps", "--concurrency", "1", "--metrics-addr", addr)...)
 	}()
-	// Wait until the rewrite has made progress, from kmsctl's own metrics.
-	err := harness.Poll(ctx, 100*time.Millisecond, func() error {
+	// Wait until the rewrite has made progress, from kmsctl's own metrics;
+	// a kmsctl that already ended will never serve them.
+	pollCtx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	err := harness.Poll(pollCtx, 100*time.Millisecond, func() error {
+		select {
+		case r := <-done:
+			return harness.StopPolling(fmt.Errorf("kmsctl rotate ended (exit %d) before rewriting 100 objects\n%s", r.code, r.stderr))
+		default:
+		}
 		resp, err := http.Get("http://" + addr + "/metrics")
 		if err != nil {
 			return err
