@@ -4,12 +4,42 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"time"
+
+	"github.com/kms-v2/kms-plugin/providers"
 )
 
 // DefaultSessions is the size of the session pool when Config.Sessions is 0:
 // enough for the apiserver's bursts of Decrypt calls at startup without
 // exhausting small HSMs' session limits.
 const DefaultSessions = 8
+
+// Algorithms, named as the azureKeyVault provider names its own.
+const (
+	// AlgorithmAESGCM: AES-256 secret keys, seeds sealed in the token with
+	// AES-GCM. The default, and the only choice before algorithm existed.
+	AlgorithmAESGCM = "AES-256-GCM"
+	// AlgorithmRSAOAEP: RSA key pairs, seeds wrapped in software with the
+	// public key and unwrapped in the token with RSA-OAEP (SHA-256,
+	// MGF1-SHA-256). For tokens without AES-GCM, such as a TPM 2.0 through
+	// tpm2-pkcs11.
+	AlgorithmRSAOAEP = "RSA-OAEP-256"
+)
+
+// Defaults for the RSA-OAEP-256 fields, the same as the azureKeyVault
+// provider's so a key means the same strength on either backend.
+const (
+	// DefaultKeySize for RSA versions. Many TPMs make 2048-bit keys only;
+	// `kmsctl keys init` then says to set keySize: 2048.
+	DefaultKeySize = 3072
+	// DefaultCacheSize bounds the unwrap cache: enough for every seed a
+	// few apiservers use after a restart, small enough to hold little key
+	// material in memory.
+	DefaultCacheSize = 1000
+	// DefaultCacheTTL keeps unwrapped seeds only for the burst of reads
+	// that follows an apiserver restart.
+	DefaultCacheTTL = 5 * time.Minute
+)
 
 // Config is the provider's section of the plugin config YAML (key `pkcs11`
 // under `provider:`). The PIN is read only from a file, never from the
@@ -30,6 +60,53 @@ type Config struct {
 	KeyLabel string `json:"keyLabel"`
 	// Sessions bounds the session pool (0 means DefaultSessions).
 	Sessions int `json:"sessions,omitempty"`
+	// Algorithm is AES-256-GCM (default) or RSA-OAEP-256. It must match
+	// the keys already on the token under KeyLabel: one key label holds
+	// one kind of key.
+	Algorithm string `json:"algorithm,omitempty"`
+	// KeySize is the modulus size in bits of the RSA versions Init and
+	// CreateVersion make: 2048, 3072 (default) or 4096. RSA only; existing
+	// versions keep their size.
+	KeySize int `json:"keySize,omitempty"`
+	// UnwrapCache bounds the in-memory cache of unwrapped seeds in
+	// RSA-OAEP-256 mode, where every unwrap is a slow private-key
+	// operation. Unset: DefaultCacheSize entries for DefaultCacheTTL; size
+	// 0 turns it off. Refused with AES-256-GCM, which asks the token on
+	// every Decrypt so that a version disabled on the token is refused at
+	// once, by any process.
+	UnwrapCache *UnwrapCache `json:"unwrapCache,omitempty"`
+
+	// disableCoalescing makes every RSA Decrypt call the token even when
+	// an identical one is in flight; only the benchmark sets it.
+	disableCoalescing bool
+}
+
+// UnwrapCache configures the cache of unwrapped seeds.
+type UnwrapCache struct {
+	// Size is the most entries kept; 0 turns the cache off.
+	Size int `json:"size"`
+	// TTL is how long an entry lives; default DefaultCacheTTL.
+	TTL Duration `json:"ttl,omitempty"`
+}
+
+// Duration is a time.Duration written in YAML as a Go duration string
+// ("5m"). Package config has its own; this one keeps the backend free of
+// an import cycle.
+type Duration time.Duration
+
+// MarshalJSON writes d as a duration string.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return []byte(`"` + time.Duration(d).String() + `"`), nil
+}
+
+// UnmarshalJSON reads a duration string such as "5m".
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	v, err := time.ParseDuration(strings.Trim(string(b), `"`))
+	if err != nil {
+		return fmt.Errorf("duration %s: want a value such as 30s or 5m", b)
+	}
+	*d = Duration(v)
+	return nil
 }
 
 // ResolvePaths makes the relative PinFile and Module paths absolute against
@@ -72,6 +149,9 @@ func (c Config) Validate() error {
 	case c.Sessions < 0:
 		return fmt.Errorf("pkcs11.sessions: %d; want 0 (default %d) or a positive pool size", c.Sessions, DefaultSessions)
 	}
+	if err := c.validateAlgorithm(); err != nil {
+		return err
+	}
 	// The token label is part of every key_id, which must be printable ASCII
 	// without spaces; "/" separates it from the object label.
 	for i := 0; i < len(c.TokenLabel); i++ {
@@ -86,6 +166,68 @@ func (c Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// validateAlgorithm checks algorithm and the fields only RSA uses.
+func (c Config) validateAlgorithm() error {
+	switch c.Algorithm {
+	case "", AlgorithmAESGCM, AlgorithmRSAOAEP:
+	default:
+		return fmt.Errorf("pkcs11.algorithm %q: want %s (default) or %s", c.Algorithm, AlgorithmAESGCM, AlgorithmRSAOAEP)
+	}
+	if !c.rsa() {
+		switch {
+		case c.KeySize != 0:
+			return fmt.Errorf("pkcs11.keySize: only used with algorithm %s (AES keys are always 256 bits); remove it", AlgorithmRSAOAEP)
+		case c.UnwrapCache != nil:
+			return fmt.Errorf("pkcs11.unwrapCache: only used with algorithm %s (AES-GCM asks the token on every Decrypt); remove it", AlgorithmRSAOAEP)
+		}
+		return nil
+	}
+	switch c.KeySize {
+	case 0, 2048, 3072, 4096:
+	default:
+		return fmt.Errorf("pkcs11.keySize %d: want 2048, 3072 (default) or 4096", c.KeySize)
+	}
+	if uc := c.UnwrapCache; uc != nil {
+		if uc.Size < 0 || uc.Size > 1_000_000 {
+			return fmt.Errorf("pkcs11.unwrapCache.size %d: want 0 (off) to 1000000", uc.Size)
+		}
+		if uc.TTL < 0 || time.Duration(uc.TTL) > time.Hour {
+			return fmt.Errorf("pkcs11.unwrapCache.ttl %s: want at most 1h (seeds stay in memory that long)", time.Duration(uc.TTL))
+		}
+	}
+	return nil
+}
+
+// algorithm is Algorithm with its default.
+func (c Config) algorithm() string {
+	if c.Algorithm == "" {
+		return AlgorithmAESGCM
+	}
+	return c.Algorithm
+}
+
+// rsa reports whether the config asks for RSA-OAEP-256.
+func (c Config) rsa() bool { return c.Algorithm == AlgorithmRSAOAEP }
+
+func (c Config) keySize() int {
+	if c.KeySize == 0 {
+		return DefaultKeySize
+	}
+	return c.KeySize
+}
+
+// unwrapOptions shapes the RSA mode's Unwrapper from UnwrapCache.
+func (c Config) unwrapOptions() providers.UnwrapOptions {
+	o := providers.UnwrapOptions{CacheSize: DefaultCacheSize, CacheTTL: DefaultCacheTTL, NoCoalescing: c.disableCoalescing}
+	if uc := c.UnwrapCache; uc != nil {
+		o.CacheSize = uc.Size
+		if uc.TTL > 0 {
+			o.CacheTTL = time.Duration(uc.TTL)
+		}
+	}
+	return o
 }
 
 func (c Config) sessions() int {

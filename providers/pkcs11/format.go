@@ -41,8 +41,37 @@ func unframe(b []byte) (iv, ct []byte, err error) {
 	return b[1 : 1+ivSize], b[1+ivSize:], nil
 }
 
+// RSA-OAEP-256 framing: formatRSA || RSA-OAEP ciphertext, as long as the
+// version's modulus. The format byte keeps the two kinds apart: an AES
+// ciphertext presented to an RSA version, or the reverse, is refused
+// before any token call.
+const formatRSA byte = 2
+
+// frameRSA assembles the stored ciphertext of an RSA version.
+func frameRSA(ct []byte) []byte {
+	return append([]byte{formatRSA}, ct...)
+}
+
+// unframeRSA checks the framing for a version whose modulus is k bytes.
+func unframeRSA(b []byte, k int) ([]byte, error) {
+	if len(b) != 1+k {
+		return nil, fmt.Errorf("ciphertext of %d bytes, want %d for this key: %w", len(b), 1+k, providers.ErrInvalidCiphertext)
+	}
+	if b[0] != formatRSA {
+		return nil, fmt.Errorf("ciphertext format %d, want %d: %w", b[0], formatRSA, providers.ErrInvalidCiphertext)
+	}
+	return b[1:], nil
+}
+
 // ErrUnsafeKey: a key object with one of our labels could leave the token
-// (CKA_EXTRACTABLE true or CKA_SENSITIVE false) or is not an AES-256 key. The
-// provider refuses to use any key of such a token until the object is fixed
-// or removed, because a KEK that can be exported is not an HSM-held key.
-var ErrUnsafeKey = errors.New("key object is not a sensitive, non-extractable AES-256 key")
+// (CKA_EXTRACTABLE true or CKA_SENSITIVE false), is not the kind of key
+// pkcs11.algorithm names (an AES-256 secret key, or an RSA key pair of at
+// least 2048 bits), or AES keys and RSA key pairs share the key label. The
+// provider refuses to use any key of such a token until the object is
+// fixed or removed, because a KEK that can be exported is not an HSM-held
+// key.
+var ErrUnsafeKey = errors.New("key object is not a sensitive, non-extractable key of the configured kind")
+
+// ErrWrongAlgorithm: the token's key state for the key label was made for
+// the other algorithm than pkcs11.algorithm names.
+var ErrWrongAlgorithm = errors.New("key label holds keys of another algorithm")

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -24,7 +26,26 @@ type module struct {
 	// owned: we ran C_Initialize (rather than finding the library already
 	// initialized by other code in the process), so we may finalize it.
 	owned bool
+	// staleObjects: the library reads the token's objects once, in
+	// C_Initialize, and never sees what other processes create or destroy
+	// later (tpm2-pkcs11 up to at least 1.9.2: kmsctl's new version or
+	// promote would stay invisible to a running plugin). Key state is then
+	// read after a fresh C_Finalize + C_Initialize; see reinit.
+	staleObjects bool
+
+	// use is held shared by every call into the library and exclusively
+	// by reinit, so no session is in use while the library restarts.
+	use sync.RWMutex
+	// gen counts reinits (under use); sessions and logins from an older
+	// generation no longer exist.
+	gen uint64
+	// inited is when the latest C_Initialize began (under use).
+	inited time.Time
 }
+
+// staleObjectLibraries are the C_GetInfo manufacturer IDs of libraries
+// known to load token objects only in C_Initialize.
+var staleObjectLibraries = []string{"tpm2-software.github.io"}
 
 var (
 	modulesMu sync.Mutex
@@ -59,9 +80,43 @@ func openModule(path string) (*module, error) {
 		}
 		owned = false
 	}
-	m := &module{path: key, ctx: ctx, refs: 1, owned: owned}
+	m := &module{path: key, ctx: ctx, refs: 1, owned: owned, inited: time.Now()}
+	if info, err := ctx.GetInfo(); err == nil {
+		for _, id := range staleObjectLibraries {
+			m.staleObjects = m.staleObjects || strings.TrimRight(info.ManufacturerID, " \x00") == id
+		}
+	}
 	modules[key] = m
 	return m, nil
+}
+
+// reinit restarts a staleObjects library so that it reads the token's
+// objects again, unless a restart began after since (then that one already
+// sees everything committed before since). It waits for calls in progress
+// and holds new ones back for its duration, tens of milliseconds on
+// tpm2-pkcs11; every session and login of the old generation is gone
+// afterwards, which the token pools notice through gen. A library we did
+// not initialize ourselves is left alone: other code in the process owns
+// its sessions.
+func (m *module) reinit(since time.Time) error {
+	if !m.staleObjects || !m.owned {
+		return nil
+	}
+	m.use.Lock()
+	defer m.use.Unlock()
+	if m.inited.After(since) {
+		return nil
+	}
+	m.inited = time.Now()
+	m.gen++
+	// Not initialized: an earlier reinit failed halfway; start it now.
+	if err := m.ctx.Finalize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED) {
+		return fmt.Errorf("pkcs11 module %s: C_Finalize before reading objects again: %w", m.path, classify(err))
+	}
+	if err := m.ctx.Initialize(); err != nil {
+		return fmt.Errorf("pkcs11 module %s: C_Initialize to read objects again: %w", m.path, classify(err))
+	}
+	return nil
 }
 
 // release drops one reference; the last one finalizes and unloads the

@@ -27,6 +27,12 @@ type Provider struct {
 	logger hclog.Logger
 
 	keys *providers.KeyCache[*state]
+	// unwrapper coalesces identical RSA unwraps and caches their seeds
+	// (RSA-OAEP-256 mode only).
+	unwrapper *providers.Unwrapper
+	// unwrap is the token call behind an RSA Decrypt: tokenUnwrap, or a
+	// test's counting wrapper around it.
+	unwrap func(ctx context.Context, v *version, ct []byte) ([]byte, error)
 	// adminMu serializes this process's read-modify-write of the state
 	// object (create, promote). Across processes the operator runs one
 	// kmsctl at a time; a primary left disabled by a race is refused by
@@ -72,7 +78,26 @@ func open(cfg Config, logger hclog.Logger) (*Provider, error) {
 	p := &Provider{cfg: cfg, logger: logger}
 	p.tok = newToken(mod, cfg.TokenLabel, pin, cfg.sessions(), logger)
 	p.keys = providers.NewKeyCache(p.load, p.published)
+	if cfg.rsa() {
+		p.unwrapper = providers.NewUnwrapper(cfg.unwrapOptions())
+		p.unwrap = p.tokenUnwrap
+	}
 	return p, nil
+}
+
+// aesMechanisms are what AES-256-GCM mode needs from the token.
+var aesMechanisms = []mechanism{
+	{pkcs11.CKM_AES_GCM, "CKM_AES_GCM", pkcs11.CKF_ENCRYPT | pkcs11.CKF_DECRYPT},
+	{pkcs11.CKM_AES_KEY_GEN, "CKM_AES_KEY_GEN", pkcs11.CKF_GENERATE},
+}
+
+// mechanisms returns what the configured algorithm needs from the token,
+// and what to tell an operator whose token lacks it.
+func (p *Provider) mechanisms() ([]mechanism, string) {
+	if p.cfg.rsa() {
+		return rsaMechanisms, "pkcs11.algorithm " + AlgorithmRSAOAEP + " needs RSA-OAEP decryption and RSA key-pair generation in the token"
+	}
+	return aesMechanisms, "pkcs11.algorithm " + AlgorithmAESGCM + " needs AES-GCM and AES key generation in the token; a token without AES-GCM, such as a TPM, works with algorithm: " + AlgorithmRSAOAEP
 }
 
 // New attaches to the token, logs in and loads the key state. It fails if
@@ -88,7 +113,7 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Provider, error
 		p.Close()
 		return nil, fmt.Errorf("pkcs11: %w", err)
 	}
-	if err := p.tok.checkMechanisms(); err != nil {
+	if err := p.tok.checkMechanisms(p.mechanisms()); err != nil {
 		p.Close()
 		return nil, fmt.Errorf("pkcs11: %w", err)
 	}
@@ -115,15 +140,21 @@ func Init(ctx context.Context, cfg Config, logger hclog.Logger) (providers.KeyVe
 			return fmt.Errorf("token %q already has key state for %q (primary %s): use `kmsctl keys create` to add a version: %w",
 				cfg.TokenLabel, cfg.KeyLabel, p.keyID(p.keyLabel(snap.meta.Primary)), providers.ErrRefused)
 		}
+		if err := p.tok.checkMechanismsHeld(p.mechanisms()); err != nil {
+			return err
+		}
 		n := snap.maxN + 1
 		now := time.Now().UTC().Truncate(time.Second)
 		// The key first, then the state naming it: if we stop in between,
 		// the next Init skips the orphan's number instead of finding a
 		// state whose primary does not exist.
-		if _, err := p.generate(h, n); err != nil {
+		if err := p.generate(h, n); err != nil {
 			return fmt.Errorf("generate key %q: %w", p.keyLabel(n), err)
 		}
 		m := meta{Format: metaFormat, Primary: n, HighWater: n, Created: map[string]time.Time{strconv.Itoa(n): now}}
+		if p.cfg.rsa() {
+			m.Algorithm = AlgorithmRSAOAEP
+		}
 		if err := p.writeMeta(h, snap, m); err != nil {
 			return fmt.Errorf("create state object %q: %w", p.metaLabel(), err)
 		}
@@ -147,6 +178,9 @@ func (p *Provider) Refresh(ctx context.Context) error {
 
 // load is the KeyCache's load: one read of the token, checked.
 func (p *Provider) load(ctx context.Context) (*state, error) {
+	if err := p.freshen(); err != nil {
+		return nil, fmt.Errorf("refresh: %w", err)
+	}
 	var snap snapshot
 	err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
 		var err error
@@ -161,6 +195,13 @@ func (p *Provider) load(ctx context.Context) (*state, error) {
 		return nil, fmt.Errorf("refresh: %w", err)
 	}
 	return st, nil
+}
+
+// freshen makes the module see what other processes changed on the token
+// since this call began (a no-op for modules that see it anyway; see
+// module.staleObjects). Everything that reads key state calls it first.
+func (p *Provider) freshen() error {
+	return p.tok.mod.reinit(time.Now())
 }
 
 // published logs the primary when it is first known or changes.
@@ -210,6 +251,14 @@ func handleGone(err error) bool {
 func (p *Provider) Encrypt(ctx context.Context, plaintext []byte) (providers.Sealed, error) {
 	if len(plaintext) != providers.SeedSize {
 		return providers.Sealed{}, fmt.Errorf("pkcs11 encrypt: plaintext of %d bytes, want the apiserver's %d-byte seed: %w", len(plaintext), providers.SeedSize, providers.ErrInvalidInput)
+	}
+	if p.cfg.rsa() {
+		st, err := p.current()
+		if err != nil {
+			return providers.Sealed{}, err
+		}
+		ct, err := p.sealRSA(st.primary, plaintext)
+		return providers.Sealed{KeyID: st.primary.keyID, Ciphertext: ct}, err
 	}
 	for attempt := 0; ; attempt++ {
 		st, err := p.current()
@@ -315,6 +364,9 @@ func (p *Provider) Owns(keyID string) bool { return p.own(keyID) == nil }
 
 // Decrypt unwraps a seed with the version named by s.KeyID.
 func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, error) {
+	if p.cfg.rsa() {
+		return p.decryptRSA(ctx, s)
+	}
 	for attempt := 0; ; attempt++ {
 		v, err := p.lookup(ctx, s.KeyID)
 		if err != nil {
@@ -383,23 +435,32 @@ func (p *Provider) Decrypt(ctx context.Context, s providers.Sealed) ([]byte, err
 
 // Check is the health probe: it looks the primary key object up on the
 // token, which needs a working session and login, and refreshes the state
-// if the object changed.
+// if the object changed. In RSA mode it also has the token unwrap a test
+// value with the primary: Encrypt never reaches the token, and on a TPM
+// finding objects does not reach the chip either.
 func (p *Provider) Check(ctx context.Context) error {
 	st, err := p.current()
 	if err != nil {
 		return err
 	}
 	var found []pkcs11.ObjectHandle
+	class := uint(pkcs11.CKO_SECRET_KEY)
+	if p.cfg.rsa() {
+		class = pkcs11.CKO_PRIVATE_KEY
+	}
 	err = p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
 		if err := p.tok.requireLogin(h); err != nil {
 			return err
 		}
 		var err error
 		found, err = findAll(p.tok.mod.ctx, h, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
 			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 			pkcs11.NewAttribute(pkcs11.CKA_LABEL, st.primary.label),
 		})
+		if err == nil && p.cfg.rsa() && len(found) == 1 && found[0] == st.primary.handle {
+			err = p.selfTest(h, st.primary)
+		}
 		return err
 	})
 	if err != nil {
@@ -416,6 +477,9 @@ func (p *Provider) Check(ctx context.Context) error {
 // Close releases the sessions and the module reference.
 func (p *Provider) Close() error {
 	p.closeOnce.Do(func() {
+		if p.unwrapper != nil {
+			p.unwrapper.Purge()
+		}
 		p.tok.close()
 		p.tok.mod.release()
 	})
@@ -443,6 +507,9 @@ func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error)
 func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, error) {
 	p.adminMu.Lock()
 	defer p.adminMu.Unlock()
+	if err := p.freshen(); err != nil {
+		return providers.KeyVersion{}, fmt.Errorf("pkcs11 create version: %w", err)
+	}
 	var kv providers.KeyVersion
 	err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
 		snap, err := p.read(h)
@@ -464,7 +531,7 @@ func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, err
 		if err := p.writeMeta(h, snap, m); err != nil {
 			return fmt.Errorf("reserve version %d in %q: %w", n, p.metaLabel(), err)
 		}
-		if _, err := p.generate(h, n); err != nil {
+		if err := p.generate(h, n); err != nil {
 			return fmt.Errorf("generate key %q: %w", p.keyLabel(n), err)
 		}
 		kv = providers.KeyVersion{KeyID: p.keyID(p.keyLabel(n)), State: providers.StateEnabled, Created: now}
@@ -485,6 +552,9 @@ func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, err
 func (p *Provider) mutate(ctx context.Context, op, keyID string, fn func(h pkcs11.SessionHandle, snap snapshot, st *state, v *version) error) error {
 	p.adminMu.Lock()
 	defer p.adminMu.Unlock()
+	if err := p.freshen(); err != nil {
+		return fmt.Errorf("pkcs11 %s %s: %w", op, keyID, err)
+	}
 	err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
 		snap, err := p.read(h)
 		if err != nil {
@@ -530,25 +600,31 @@ func (p *Provider) Promote(ctx context.Context, keyID string) error {
 	})
 }
 
-// Disable turns CKA_ENCRYPT and CKA_DECRYPT off on a non-primary version,
-// so the token itself refuses to use it.
+// Disable stops a non-primary version from decrypting. An AES version gets
+// CKA_ENCRYPT and CKA_DECRYPT false, so the token itself refuses it to
+// every process at once. An RSA version is listed as disabled in the state
+// object (see meta.Disabled): this process refuses it now, other plugin
+// instances from their next Refresh, and the token does not enforce it.
 func (p *Provider) Disable(ctx context.Context, keyID string) error {
-	return p.mutate(ctx, "disable", keyID, func(h pkcs11.SessionHandle, _ snapshot, st *state, v *version) error {
+	return p.mutate(ctx, "disable", keyID, func(h pkcs11.SessionHandle, snap snapshot, st *state, v *version) error {
 		if v == st.primary {
 			return fmt.Errorf("the primary cannot be disabled; promote another version first: %w", providers.ErrRefused)
 		}
-		return p.setUsable(h, v, false)
+		return p.setUsable(h, snap, v, false)
 	})
 }
 
 // Enable lets a disabled version decrypt again.
 func (p *Provider) Enable(ctx context.Context, keyID string) error {
-	return p.mutate(ctx, "enable", keyID, func(h pkcs11.SessionHandle, _ snapshot, _ *state, v *version) error {
-		return p.setUsable(h, v, true)
+	return p.mutate(ctx, "enable", keyID, func(h pkcs11.SessionHandle, snap snapshot, _ *state, v *version) error {
+		return p.setUsable(h, snap, v, true)
 	})
 }
 
-func (p *Provider) setUsable(h pkcs11.SessionHandle, v *version, on bool) error {
+func (p *Provider) setUsable(h pkcs11.SessionHandle, snap snapshot, v *version, on bool) error {
+	if p.cfg.rsa() {
+		return p.setDisabled(h, snap, v.n, !on)
+	}
 	return p.tok.mod.ctx.SetAttributeValue(h, v.handle, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, on),
 		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, on),

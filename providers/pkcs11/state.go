@@ -3,6 +3,7 @@
 package pkcs11
 
 import (
+	"crypto/rsa"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -37,6 +38,24 @@ type meta struct {
 	HighWater int `json:"highWater"`
 	// Created maps n (decimal) to the version's creation time.
 	Created map[string]time.Time `json:"created"`
+	// Algorithm is the kind of every version under the key label: empty
+	// for AES-256-GCM (states written before the field existed say
+	// nothing), or RSA-OAEP-256.
+	Algorithm string `json:"algorithm,omitempty"`
+	// Disabled lists the disabled RSA versions in ascending order. An RSA
+	// version's enabled state lives here and not in CKA_DECRYPT, because
+	// tpm2-pkcs11 accepts CKA_DECRYPT false on a private key and then
+	// decrypts with it all the same. AES versions keep theirs in
+	// CKA_DECRYPT, which SoftHSM2 and HSMs enforce.
+	Disabled []int `json:"disabled,omitempty"`
+}
+
+// algorithm is the kind the state was written for.
+func (m meta) algorithm() string {
+	if m.Algorithm == "" {
+		return AlgorithmAESGCM
+	}
+	return m.Algorithm
 }
 
 // version is one key object as read from the token.
@@ -47,6 +66,9 @@ type version struct {
 	handle  pkcs11.ObjectHandle
 	enabled bool
 	created time.Time
+	// pub is an RSA version's public key (nil for AES), read at refresh
+	// so that Encrypt needs no token call.
+	pub *rsa.PublicKey
 }
 
 // state is an immutable snapshot of the token's key state, held in the
@@ -123,11 +145,58 @@ func ulongAttr(a *pkcs11.Attribute) uint64 {
 
 // read loads metadata and key objects in one session.
 func (p *Provider) read(h pkcs11.SessionHandle) (snapshot, error) {
-	c := p.tok.mod.ctx
-	var snap snapshot
 	if err := p.tok.requireLogin(h); err != nil {
+		return snapshot{}, err
+	}
+	snap, err := p.readMeta(h)
+	if err != nil {
 		return snap, err
 	}
+	if alg := snap.meta.algorithm(); snap.haveMeta && alg != p.cfg.algorithm() {
+		return snap, fmt.Errorf("key label %q on token %q holds %s keys, but pkcs11.algorithm is %s; set algorithm: %s or choose another keyLabel: %w",
+			p.cfg.KeyLabel, p.cfg.TokenLabel, alg, p.cfg.algorithm(), alg, ErrWrongAlgorithm)
+	}
+	secrets, err := p.findLabelled(h, pkcs11.CKO_SECRET_KEY)
+	if err != nil {
+		return snap, err
+	}
+	privates, err := p.findLabelled(h, pkcs11.CKO_PRIVATE_KEY)
+	if err != nil {
+		return snap, err
+	}
+	if err := p.checkOneKind(len(secrets) > 0, len(privates) > 0); err != nil {
+		return snap, err
+	}
+	if p.cfg.rsa() {
+		err = p.readRSA(h, &snap, privates)
+	} else {
+		err = p.readAES(h, &snap, secrets)
+	}
+	sort.Slice(snap.keys, func(i, j int) bool { return snap.keys[i].n < snap.keys[j].n })
+	return snap, err
+}
+
+// checkOneKind refuses AES secret keys and RSA key pairs under one key
+// label, and objects of the kind the configured algorithm does not use.
+func (p *Provider) checkOneKind(haveAES, haveRSA bool) error {
+	switch {
+	case haveAES && haveRSA:
+		return fmt.Errorf("token %q holds both AES secret keys and RSA private keys labelled %s-<n>; one key label holds one kind of key, remove the strays: %w",
+			p.cfg.TokenLabel, p.cfg.KeyLabel, ErrUnsafeKey)
+	case haveAES && p.cfg.rsa(), haveRSA && !p.cfg.rsa():
+		other := map[bool]string{true: AlgorithmAESGCM, false: AlgorithmRSAOAEP}[haveAES]
+		return fmt.Errorf("key label %q on token %q holds %s keys, but pkcs11.algorithm is %s; set algorithm: %s or choose another keyLabel: %w",
+			p.cfg.KeyLabel, p.cfg.TokenLabel, other, p.cfg.algorithm(), other, ErrWrongAlgorithm)
+	}
+	return nil
+}
+
+// readMeta finds the state object. Normally there is one; two after a
+// writer stopped between creating the new one and removing the old. The
+// highest serial wins.
+func (p *Provider) readMeta(h pkcs11.SessionHandle) (snapshot, error) {
+	c := p.tok.mod.ctx
+	var snap snapshot
 	metas, err := findAll(c, h, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_DATA),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
@@ -136,8 +205,6 @@ func (p *Provider) read(h pkcs11.SessionHandle) (snapshot, error) {
 	if err != nil {
 		return snap, fmt.Errorf("find state object %q: %w", p.metaLabel(), err)
 	}
-	// Normally one state object; two after a writer stopped between
-	// creating the new one and removing the old. The highest serial wins.
 	for _, o := range metas {
 		attrs, err := c.GetAttributeValue(h, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
 		if err != nil {
@@ -156,59 +223,86 @@ func (p *Provider) read(h pkcs11.SessionHandle) (snapshot, error) {
 			snap.meta, snap.haveMeta = m, true
 		}
 	}
+	return snap, nil
+}
 
+// findLabelled returns the token objects of class whose label is
+// "<keyLabel>-<n>", by n.
+func (p *Provider) findLabelled(h pkcs11.SessionHandle, class uint) (map[int][]pkcs11.ObjectHandle, error) {
+	c := p.tok.mod.ctx
 	objs, err := findAll(c, h, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 	})
 	if err != nil {
-		return snap, fmt.Errorf("find key objects: %w", err)
+		return nil, fmt.Errorf("find key objects: %w", err)
 	}
-	seen := map[int]bool{}
+	found := map[int][]pkcs11.ObjectHandle{}
 	for _, o := range objs {
 		la, err := c.GetAttributeValue(h, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
 		if err != nil {
-			if e, ok := rv(err); ok && (e == pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+			if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
 				continue // removed while we looked
 			}
-			return snap, fmt.Errorf("read key object label: %w", err)
+			return nil, fmt.Errorf("read key object label: %w", err)
 		}
-		label := string(la[0].Value)
-		n, ok := p.parseN(label)
-		if !ok {
-			continue
+		if n, ok := p.parseN(string(la[0].Value)); ok {
+			found[n] = append(found[n], o)
 		}
-		if seen[n] {
-			return snap, fmt.Errorf("two key objects labelled %q on token %q; remove one: %w", label, p.cfg.TokenLabel, ErrUnsafeKey)
-		}
-		seen[n] = true
-		a, err := c.GetAttributeValue(h, o, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
-			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil),
-			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
-			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
-			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, nil),
-		})
+	}
+	return found, nil
+}
+
+// only returns the one object labelled "<keyLabel>-<n>" in objs.
+func (p *Provider) only(objs []pkcs11.ObjectHandle, n int) (pkcs11.ObjectHandle, error) {
+	if len(objs) != 1 {
+		return 0, fmt.Errorf("%d key objects of one class labelled %q on token %q; remove all but one: %w", len(objs), p.keyLabel(n), p.cfg.TokenLabel, ErrUnsafeKey)
+	}
+	return objs[0], nil
+}
+
+// readAES checks and adds the AES versions.
+func (p *Provider) readAES(h pkcs11.SessionHandle, snap *snapshot, secrets map[int][]pkcs11.ObjectHandle) error {
+	for n, objs := range secrets {
+		o, err := p.only(objs, n)
 		if err != nil {
-			return snap, fmt.Errorf("read attributes of key object %q: %w", label, err)
+			return err
 		}
-		switch {
-		case ulongAttr(a[0]) != pkcs11.CKK_AES || ulongAttr(a[1]) != 32:
-			return snap, fmt.Errorf("key object %q on token %q is not an AES-256 key; remove or relabel it: %w", label, p.cfg.TokenLabel, ErrUnsafeKey)
-		case !boolAttr(a[2]):
-			return snap, fmt.Errorf("key object %q on token %q is not sensitive (CKA_SENSITIVE false), its value can be read; refusing it, remove it and create keys with kmsctl: %w", label, p.cfg.TokenLabel, ErrUnsafeKey)
-		case boolAttr(a[3]):
-			return snap, fmt.Errorf("key object %q on token %q is extractable (CKA_EXTRACTABLE true), it can be exported; refusing it, remove it and create keys with kmsctl: %w", label, p.cfg.TokenLabel, ErrUnsafeKey)
+		v, err := p.aesVersion(h, n, o)
+		if err != nil {
+			return err
 		}
-		v := &version{n: n, label: label, keyID: p.keyID(label), handle: o, enabled: boolAttr(a[4])}
 		// A stray object from an interrupted Init has no creation time
 		// and shows the zero time.
 		v.created = snap.meta.Created[strconv.Itoa(n)]
 		snap.keys = append(snap.keys, v)
 		snap.maxN = max(snap.maxN, n)
 	}
-	sort.Slice(snap.keys, func(i, j int) bool { return snap.keys[i].n < snap.keys[j].n })
-	return snap, nil
+	return nil
+}
+
+// aesVersion reads one AES key object and refuses an unsafe one.
+func (p *Provider) aesVersion(h pkcs11.SessionHandle, n int, o pkcs11.ObjectHandle) (*version, error) {
+	label := p.keyLabel(n)
+	a, err := p.tok.mod.ctx.GetAttributeValue(h, o, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, nil),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read attributes of key object %q: %w", label, err)
+	}
+	switch {
+	case ulongAttr(a[0]) != pkcs11.CKK_AES || ulongAttr(a[1]) != 32:
+		return nil, fmt.Errorf("key object %q on token %q is not an AES-256 key; remove or relabel it: %w", label, p.cfg.TokenLabel, ErrUnsafeKey)
+	case !boolAttr(a[2]):
+		return nil, fmt.Errorf("key object %q on token %q is not sensitive (CKA_SENSITIVE false), its value can be read; refusing it, remove it and create keys with kmsctl: %w", label, p.cfg.TokenLabel, ErrUnsafeKey)
+	case boolAttr(a[3]):
+		return nil, fmt.Errorf("key object %q on token %q is extractable (CKA_EXTRACTABLE true), it can be exported; refusing it, remove it and create keys with kmsctl: %w", label, p.cfg.TokenLabel, ErrUnsafeKey)
+	}
+	return &version{n: n, label: label, keyID: p.keyID(label), handle: o, enabled: boolAttr(a[4])}, nil
 }
 
 // toState checks the snapshot's consistency and indexes it.
@@ -229,7 +323,7 @@ func (p *Provider) toState(snap snapshot) (*state, error) {
 		return nil, fmt.Errorf("primary key object %q is missing from token %q; promote another version (kmsctl keys promote) or restore it: %w",
 			p.keyLabel(snap.meta.Primary), p.cfg.TokenLabel, providers.ErrKeyNotFound)
 	case !st.primary.enabled:
-		return nil, fmt.Errorf("primary key object %q on token %q is disabled (CKA_DECRYPT false); enable it or promote another version: %w",
+		return nil, fmt.Errorf("primary key object %q on token %q is disabled; enable it or promote another version: %w",
 			st.primary.label, p.cfg.TokenLabel, providers.ErrKeyDisabled)
 	}
 	return st, nil
@@ -264,8 +358,17 @@ func (p *Provider) writeMeta(h pkcs11.SessionHandle, snap snapshot, m meta) erro
 	return nil
 }
 
-// generate makes key version n inside the token.
-func (p *Provider) generate(h pkcs11.SessionHandle, n int) (pkcs11.ObjectHandle, error) {
+// generate makes key version n inside the token, of the configured kind.
+func (p *Provider) generate(h pkcs11.SessionHandle, n int) error {
+	if p.cfg.rsa() {
+		return p.generateRSA(h, n)
+	}
+	_, err := p.generateAES(h, n)
+	return err
+}
+
+// generateAES makes AES key version n inside the token.
+func (p *Provider) generateAES(h pkcs11.SessionHandle, n int) (pkcs11.ObjectHandle, error) {
 	label := p.keyLabel(n)
 	return p.tok.mod.ctx.GenerateKey(h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),

@@ -33,7 +33,10 @@ type token struct {
 	loggedIn bool
 	// gen counts resets; sessions opened before the latest reset are closed
 	// when they come back instead of being reused.
-	gen    uint64
+	gen uint64
+	// modGen is the module generation the sessions, login and slot belong
+	// to; see module.reinit.
+	modGen uint64
 	idle   []session
 	closed bool
 	// pinErr is sticky: a rejected PIN is never tried again, because HSMs
@@ -106,10 +109,29 @@ func classify(err error) error {
 	return fmt.Errorf("%w: %w", err, providers.ErrUnavailable)
 }
 
+// spoiledError carries an error after which the session must not be used
+// again. tpm2-pkcs11 1.9 leaves a failed C_Decrypt's operation active
+// instead of ending it as PKCS#11 requires, so that session's next
+// C_DecryptInit would fail with CKR_OPERATION_ACTIVE.
+type spoiledError struct{ err error }
+
+func (e spoiledError) Error() string { return e.err.Error() }
+func (e spoiledError) Unwrap() error { return e.err }
+
+// spoiled marks err (if not nil) as leaving its session unusable.
+func spoiled(err error) error {
+	if err == nil {
+		return nil
+	}
+	return spoiledError{err}
+}
+
 // do runs fn on a logged-in session of its own. When fn fails because the
 // session, the login or the device was lost, do repairs that and runs fn
 // once more; fn must therefore be safe to repeat. Other errors come back as
-// fn returned them.
+// fn returned them; a session fn reports spoiled is closed, not reused.
+// The module cannot restart (reinit) while fn runs, so fn must not wait
+// for anything that does.
 func (t *token) do(ctx context.Context, fn func(h pkcs11.SessionHandle) error) error {
 	select {
 	case t.sem <- struct{}{}:
@@ -117,38 +139,58 @@ func (t *token) do(ctx context.Context, fn func(h pkcs11.SessionHandle) error) e
 		return fmt.Errorf("waiting for a PKCS#11 session on token %q: %w", t.label, ctx.Err())
 	}
 	defer func() { <-t.sem }()
+	t.mod.use.RLock()
+	defer t.mod.use.RUnlock()
 	var err error
 	for attempt := 0; attempt < 2; attempt++ {
 		var s session
-		s, err = t.get()
-		if err != nil {
+		if s, err = t.get(); err != nil {
 			if kindOf(err) == kindDeviceLost && attempt == 0 {
 				continue
 			}
 			return classify(err)
 		}
-		err = fn(s.h)
-		switch kindOf(err) {
-		case kindOther:
-			t.put(s)
+		var again bool
+		if again, err = t.settle(s, fn(s.h)); !again {
 			return err
-		case kindSession:
-			t.logger.Debug("pkcs11 session lost; opening another", "token", t.label, "error", err)
-			t.discard(s)
-		case kindLoggedOut:
-			t.logger.Info("pkcs11 login lost; logging in again", "token", t.label)
-			if lerr := t.login(s.h); lerr != nil {
-				t.discard(s)
-				return lerr
-			}
-			t.put(s)
-		case kindDeviceLost:
-			t.logger.Warn("pkcs11 token lost; reopening", "token", t.label, "error", err)
-			t.discard(s)
-			t.reset(s.gen)
 		}
 	}
 	return classify(err)
+}
+
+// settle returns session s to the pool after fn returned err, or repairs
+// what err says was lost; again reports whether fn should run once more.
+func (t *token) settle(s session, err error) (again bool, _ error) {
+	isSpoiled := errors.As(err, new(spoiledError))
+	switch kindOf(err) {
+	case kindOther:
+		t.release(s, isSpoiled)
+		return false, err
+	case kindSession:
+		t.logger.Debug("pkcs11 session lost; opening another", "token", t.label, "error", err)
+		t.discard(s)
+	case kindLoggedOut:
+		t.logger.Info("pkcs11 login lost; logging in again", "token", t.label)
+		if lerr := t.login(s.h); lerr != nil {
+			t.discard(s)
+			return false, lerr
+		}
+		t.release(s, isSpoiled)
+	case kindDeviceLost:
+		t.logger.Warn("pkcs11 token lost; reopening", "token", t.label, "error", err)
+		t.discard(s)
+		t.reset(s.gen)
+	}
+	return true, err
+}
+
+// release puts a session back, or closes it if spoiled.
+func (t *token) release(s session, spoiled bool) {
+	if spoiled {
+		t.discard(s)
+		return
+	}
+	t.put(s)
 }
 
 // get returns an idle session or opens (and if needed logs in) a new one.
@@ -161,6 +203,7 @@ func (t *token) get() (session, error) {
 	if t.pinErr != nil {
 		return session{}, t.pinErr
 	}
+	t.syncModuleLocked()
 	if n := len(t.idle); n > 0 {
 		s := t.idle[n-1]
 		t.idle = t.idle[:n-1]
@@ -188,6 +231,21 @@ func (t *token) get() (session, error) {
 		}
 	}
 	return s, nil
+}
+
+// syncModuleLocked forgets the sessions, login and slot of an older
+// module generation without closing them: they ended with that C_Finalize,
+// and their handle numbers may now belong to new sessions. The caller holds
+// t.mu and the module's use lock.
+func (t *token) syncModuleLocked() {
+	if t.modGen == t.mod.gen {
+		return
+	}
+	t.modGen = t.mod.gen
+	t.idle = nil
+	t.gen++
+	t.haveSlot = false
+	t.loggedIn = false
 }
 
 func (t *token) login(h pkcs11.SessionHandle) error {
@@ -322,26 +380,35 @@ func (t *token) requireLogin(h pkcs11.SessionHandle) error {
 	return nil
 }
 
+// mechanism is one capability the provider needs from the token.
+type mechanism struct {
+	mech  uint
+	name  string
+	flags uint
+}
+
 // checkMechanisms fails clearly when the token lacks what the provider
 // needs, instead of letting the first Encrypt fail with CKR_MECHANISM_INVALID.
-func (t *token) checkMechanisms() error {
+// hint says what to change.
+func (t *token) checkMechanisms(need []mechanism, hint string) error {
+	t.mod.use.RLock()
+	defer t.mod.use.RUnlock()
+	return t.checkMechanismsHeld(need, hint)
+}
+
+// checkMechanismsHeld is checkMechanisms for a caller inside do, which
+// already holds the module.
+func (t *token) checkMechanismsHeld(need []mechanism, hint string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.syncModuleLocked()
 	if !t.haveSlot {
 		return nil // no session yet; the first call will find out
 	}
-	for _, m := range []struct {
-		mech  uint
-		name  string
-		flags uint
-	}{
-		{pkcs11.CKM_AES_GCM, "CKM_AES_GCM", pkcs11.CKF_ENCRYPT | pkcs11.CKF_DECRYPT},
-		{pkcs11.CKM_AES_KEY_GEN, "CKM_AES_KEY_GEN", pkcs11.CKF_GENERATE},
-	} {
+	for _, m := range need {
 		info, err := t.mod.ctx.GetMechanismInfo(t.slot, []*pkcs11.Mechanism{pkcs11.NewMechanism(m.mech, nil)})
 		if err != nil || info.Flags&m.flags != m.flags {
-			return fmt.Errorf("token %q does not offer %s for this use (%v); the pkcs11 provider needs AES-GCM and AES key generation in the token: %w",
-				t.label, m.name, err, providers.ErrUnavailable)
+			return fmt.Errorf("token %q does not offer %s for this use (%v); %s: %w", t.label, m.name, err, hint, providers.ErrUnavailable)
 		}
 	}
 	return nil
