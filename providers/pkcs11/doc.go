@@ -22,7 +22,7 @@
 // with CKA_ALLOWED_MECHANISMS [CKM_RSA_PKCS_OAEP]; CKA_SIGN false is asked
 // for too, except from a token that refuses such a key (tpm2-pkcs11 makes
 // every RSA key sign-capable; its CKA_ALLOWED_MECHANISMS still refuses
-// signing). The public half has CKA_ENCRYPT true. Every new pair must
+// signing, see TestTPM/KeyPairAttributes). The public half has CKA_ENCRYPT true. Every new pair must
 // unwrap a test value wrapped with its public key before it becomes a
 // version. A key label holds one kind of key: AES keys and RSA key pairs
 // under one label are refused (ErrUnsafeKey), and so is a config whose

@@ -26,12 +26,7 @@ type module struct {
 	// owned: we ran C_Initialize (rather than finding the library already
 	// initialized by other code in the process), so we may finalize it.
 	owned bool
-	// staleObjects: the library reads the token's objects once, in
-	// C_Initialize, and never sees what other processes create or destroy
-	// later (tpm2-pkcs11 up to at least 1.9.2: kmsctl's new version or
-	// promote would stay invisible to a running plugin). Key state is then
-	// read after a fresh C_Finalize + C_Initialize; see reinit.
-	staleObjects bool
+	quirks
 
 	// use is held shared by every call into the library and exclusively
 	// by reinit, so no session is in use while the library restarts.
@@ -43,9 +38,27 @@ type module struct {
 	inited time.Time
 }
 
-// staleObjectLibraries are the C_GetInfo manufacturer IDs of libraries
-// known to load token objects only in C_Initialize.
-var staleObjectLibraries = []string{"tpm2-software.github.io"}
+// quirks are behaviours of particular PKCS#11 libraries that the provider
+// works around, found by the library's C_GetInfo manufacturer ID.
+type quirks struct {
+	// staleObjects: the library reads the token's objects once, in
+	// C_Initialize, and never sees what other processes create or destroy
+	// later (kmsctl's new version or promote would stay invisible to a
+	// running plugin). Key state is then read after a fresh C_Finalize +
+	// C_Initialize; see reinit.
+	staleObjects bool
+	// signingRSAKeys: the library makes every RSA key able to sign and
+	// fails C_GenerateKeyPair, logging an error, when the template asks
+	// for CKA_SIGN false, so it is not asked.
+	signingRSAKeys bool
+}
+
+// knownQuirks maps manufacturer IDs to their quirks. tpm2-pkcs11: both,
+// in 1.9.0 (Debian bookworm) and still in its main branch in 2026; its
+// TPM keys carry both the sign and the decrypt attribute.
+var knownQuirks = map[string]quirks{
+	"tpm2-software.github.io": {staleObjects: true, signingRSAKeys: true},
+}
 
 var (
 	modulesMu sync.Mutex
@@ -82,9 +95,7 @@ func openModule(path string) (*module, error) {
 	}
 	m := &module{path: key, ctx: ctx, refs: 1, owned: owned, inited: time.Now()}
 	if info, err := ctx.GetInfo(); err == nil {
-		for _, id := range staleObjectLibraries {
-			m.staleObjects = m.staleObjects || strings.TrimRight(info.ManufacturerID, " \x00") == id
-		}
+		m.quirks = knownQuirks[strings.TrimRight(info.ManufacturerID, " \x00")]
 	}
 	modules[key] = m
 	return m, nil

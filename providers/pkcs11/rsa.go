@@ -148,14 +148,16 @@ func (p *Provider) publicKey(h pkcs11.SessionHandle, label string, pub pkcs11.Ob
 // public key wraps. The private half may only decrypt, and only with
 // RSA-OAEP where the token honours CKA_ALLOWED_MECHANISMS. A token that
 // insists on deciding CKA_SIGN itself (tpm2-pkcs11 makes every RSA key
-// sign-capable and fails a template that says otherwise) gets a second
-// template without CKA_SIGN and CKA_VERIFY.
+// sign-capable and fails a template that says otherwise) gets a template
+// without CKA_SIGN and CKA_VERIFY: at once if it is known to (see quirks),
+// else after it refused the first.
 func (p *Provider) generateRSA(h pkcs11.SessionHandle, n int) error {
 	if err := p.checkKeySize(); err != nil {
 		return err
 	}
-	pub, priv, err := p.generatePair(h, n, true)
-	if isRV(err, pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID) {
+	noSign := !p.tok.mod.signingRSAKeys
+	pub, priv, err := p.generatePair(h, n, noSign)
+	if noSign && isRV(err, pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID) {
 		p.logger.Debug("token refused an RSA key that cannot sign; letting it set CKA_SIGN", "label", p.keyLabel(n), "error", err)
 		pub, priv, err = p.generatePair(h, n, false)
 	}

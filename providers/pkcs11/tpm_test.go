@@ -81,6 +81,7 @@ func TestTPM(t *testing.T) {
 		{"Conformance", tpmConformance},
 		{"PluginContract", tpmContract},
 		{"KeyPairAttributes", tpmKeyPairAttributes},
+		{"KeyPairWithoutQuirksTable", tpmWithoutQuirks},
 		{"CiphertextOfAnotherVersion", tpmOtherVersion},
 		{"IdenticalDecryptsShareOneUnwrap", tpmCoalescing},
 		{"DisabledVersionNotServedFromCache", tpmDisabledCached},
@@ -156,6 +157,37 @@ func tpmKeyPairAttributes(t *testing.T, l *tpmLabels) {
 	}
 	if got, want := len(s.Ciphertext), 1+256; got != want || s.Ciphertext[0] != formatRSA {
 		t.Errorf("ciphertext: %d bytes, format %d; want %d bytes, format %d", got, s.Ciphertext[0], want, formatRSA)
+	}
+}
+
+// tpmWithoutQuirks creates a version as for a library missing from
+// knownQuirks: the template asking for CKA_SIGN false is refused, and the
+// second one without it must still make a working version.
+func tpmWithoutQuirks(t *testing.T, l *tpmLabels) {
+	p, _ := l.fresh(t)
+	p.tok.mod.use.Lock()
+	p.tok.mod.signingRSAKeys = false
+	p.tok.mod.use.Unlock()
+	t.Cleanup(func() {
+		p.tok.mod.use.Lock()
+		p.tok.mod.signingRSAKeys = true
+		p.tok.mod.use.Unlock()
+	})
+	ctx := testCtx(t)
+	v, err := p.CreateVersion(ctx)
+	if err != nil {
+		t.Fatalf("CreateVersion after a refused template: %v", err)
+	}
+	if err := p.Promote(ctx, v.KeyID); err != nil {
+		t.Fatal(err)
+	}
+	seed := providertest.Seed(t)
+	s, err := p.Encrypt(ctx, seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := p.Decrypt(ctx, s); err != nil || !bytes.Equal(got, seed) || s.KeyID != v.KeyID {
+		t.Fatalf("round trip with %s (made by the second template): %v", v.KeyID, err)
 	}
 }
 
