@@ -271,8 +271,8 @@ func (p *Provider) selfTest(h pkcs11.SessionHandle, v *version) error {
 }
 
 // decryptOn runs one RSA-OAEP C_Decrypt with v's private key on session h.
-// A failure that leaves the session standing is the input's fault
-// (errAuthFailed); the session is spoiled either way, see spoiledError.
+// A failed C_Decrypt spoils the session (see spoiledError); when the
+// session still answers, the failure was the input's (errAuthFailed).
 func (p *Provider) decryptOn(h pkcs11.SessionHandle, v *version, ct []byte) ([]byte, error) {
 	c := p.tok.mod.ctx
 	if err := c.DecryptInit(h, oaepMechanism(), v.handle); err != nil {
