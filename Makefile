@@ -64,7 +64,8 @@ demo: tools
 ## bench: the plugin over its socket against a bare gRPC floor (same run), and provider-level benchmarks.
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./e2e/bench/socket
-	$(GO) test -run '^$$' -bench . ./providers/pkcs11/
+	$(GO) test -run '^$$' -bench 'ProviderRoundTrip|TokenAESGCM' ./providers/pkcs11/
+	$(GO) test -run '^$$' -bench TPMDecryptStorm -benchtime 1x ./providers/pkcs11/
 	$(GO) test -run '^$$' -bench DecryptStorm -benchtime 1x ./providers/azurekv/
 
 ## bench-rotation: kmsctl rotate against the kubectl get|replace method on a real control plane.

@@ -22,6 +22,7 @@ import (
 	"github.com/kms-v2/kms-plugin/e2e/harness"
 	"github.com/kms-v2/kms-plugin/e2e/keyvault-emulator/emulator"
 	"github.com/kms-v2/kms-plugin/providers/pkcs11/pkcs11test"
+	"github.com/kms-v2/kms-plugin/providers/pkcs11/tpmtest"
 	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
@@ -103,6 +104,25 @@ func startKeyVault(t *testing.T, keyName string) keyVault {
 	return keyVault{e: e, yaml: yaml, keyIDPrefix: "azurekv:" + u.Host + "/" + keyName + "/"}
 }
 
+// TestTPMControlPlane runs the real control plane with the plugin on a TPM
+// 2.0 (swtpm behind tpm2-abrmd, as a tpm2-pkcs11 token): seeds wrapped
+// with RSA-OAEP-256 in software and unwrapped inside the TPM, a promoted
+// key that new writes follow, old objects read by a restarted plugin and
+// apiserver, and one `kmsctl rotate` to the end. The TPM is the node's own,
+// so its key state is per node.
+func TestTPMControlPlane(t *testing.T) {
+	label := "tpm-" + provRandomHex(t, 3)
+	tp := tpmtest.Start(t, label)
+	runProviderControlPlane(t, providerCase{
+		opts: harness.Options{
+			ProviderYAML: "keyState: perNode\n" + tp.ProviderYAML("k8s-kek"),
+			Env:          tp.Env,
+		},
+		keyIDPrefix: "pkcs11:" + label + "/k8s-kek-",
+		rotate:      true,
+	})
+}
+
 // providerCase is one backend for runProviderControlPlane.
 type providerCase struct {
 	// opts carry the provider (ProviderYAML, Env); Setup is set by
@@ -114,6 +134,10 @@ type providerCase struct {
 	// backendUnwraps, when set, counts unwrap operations the backend
 	// itself served, to prove a read went to it and not to a cache.
 	backendUnwraps func() int64
+	// rotate ends the scenario with `kmsctl rotate --force --retire`: every
+	// object rewritten under a new version, proven by the census, the old
+	// versions disabled.
+	rotate bool
 }
 
 // runProviderControlPlane is the scenario both provider tests share: one
@@ -236,6 +260,30 @@ func runProviderControlPlane(t *testing.T, pc providerCase) {
 		}
 	}
 	provCheckNoPlaintext(ctx, t, c, ns, map[string]string{"secret value": secretValue, "configmap value": cmValue})
+	if pc.rotate {
+		provRotate(ctx, t, c, pc.keyIDPrefix)
+		provCheckOldReads(ctx, t, a, ns, secretValue, cmValue)
+	}
+}
+
+// provRotate runs `kmsctl rotate --force --retire` and checks that every
+// secret and configmap moved to the new version and the old ones are off.
+func provRotate(ctx context.Context, t *testing.T, c *harness.Cluster, keyIDPrefix string) {
+	t.Helper()
+	rep := rotate(ctx, t, c, 0, "--force", "--retire")
+	if rep.NewKeyID == rep.OldKeyID || !strings.HasPrefix(rep.NewKeyID, keyIDPrefix) {
+		t.Fatalf("rotate: %s -> %s, want a new version with prefix %s", rep.OldKeyID, rep.NewKeyID, keyIDPrefix)
+	}
+	requireAllUnder(ctx, t, c, rep.NewKeyID, "secrets", "configmaps")
+	if len(rep.Retired) == 0 {
+		t.Errorf("rotate --retire disabled no version (report %+v)", rep)
+	}
+	for _, k := range rep.Retired {
+		if got := keyState(t, c, k); got != "disabled" {
+			t.Errorf("retired %s is %s, want disabled", k, got)
+		}
+	}
+	t.Logf("rotate: %s -> %s in %s, retired %v", rep.OldKeyID, rep.NewKeyID, rep.Duration, rep.Retired)
 }
 
 // provWaitForWriteUnder writes a fresh secret in ns through a every second,

@@ -26,6 +26,7 @@ import (
 	"github.com/kms-v2/kms-plugin/providers/multi"
 	"github.com/kms-v2/kms-plugin/providers/pkcs11"
 	"github.com/kms-v2/kms-plugin/providers/pkcs11/pkcs11test"
+	"github.com/kms-v2/kms-plugin/providers/pkcs11/tpmtest"
 )
 
 // floorServer is the baseline: the KMS v2 service with nothing but the
@@ -200,8 +201,25 @@ var (
 	rounds = 3
 )
 
+// openTPM is a pkcs11 provider in RSA-OAEP-256 mode on a fresh software
+// TPM (2048-bit keys, as most real TPMs make).
+func openTPM(b *testing.B) *pkcs11.Provider {
+	tpm := tpmtest.Start(b, "bench-tpm")
+	tpm.SetEnv(b)
+	cfg := pkcs11.Config{Module: tpm.Module, TokenLabel: tpm.Label, PinFile: tpm.PinFile, KeyLabel: "bench-kek", Algorithm: pkcs11.AlgorithmRSAOAEP, KeySize: 2048}
+	if _, err := pkcs11.Init(context.Background(), cfg, nil); err != nil {
+		b.Fatal(err)
+	}
+	p, err := pkcs11.New(context.Background(), cfg, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
+}
+
 // BenchmarkSocket compares the plugin (file provider, pkcs11 on SoftHSM2,
-// and file with pkcs11 listed second) with the floor at 1 and 16
+// file with pkcs11 listed second, and pkcs11 on a software TPM) with the floor at 1 and 16
 // concurrent callers. Run it once per invocation
 // (-benchtime 1x): every number it reports comes from the same run.
 func BenchmarkSocket(b *testing.B) {
@@ -224,6 +242,7 @@ func BenchmarkSocket(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { pp.Close() })
+	tp := openTPM(b)
 
 	targets := []struct {
 		name string
@@ -237,6 +256,9 @@ func BenchmarkSocket(b *testing.B) {
 		{"file+pkcs11", connect(b, servePluginEntries(b,
 			multi.Entry{Name: "file", Scope: providers.ScopePerNode, Provider: fp},
 			multi.Entry{Name: "pkcs11", Scope: providers.ScopeShared, Provider: pp}))},
+		// The node's TPM (swtpm through tpm2-pkcs11): every Decrypt of a
+		// fresh seed is an RSA-OAEP unwrap inside the TPM.
+		{"tpm", connect(b, servePlugin(b, tp))},
 	}
 	for _, callers := range []int{1, 16} {
 		b.Run(fmt.Sprintf("callers=%d", callers), func(b *testing.B) {
