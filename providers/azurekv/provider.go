@@ -129,17 +129,12 @@ func open(cfg Config, logger hclog.Logger) (*Provider, error) {
 	if alg == "" {
 		alg = DefaultAlgorithm
 	}
-	size, ttl := DefaultCacheSize, DefaultCacheTTL
-	if uc := cfg.UnwrapCache; uc != nil {
-		size = uc.Size
-		if uc.TTL > 0 {
-			ttl = time.Duration(uc.TTL)
-		}
-	}
+	unwrap := cfg.UnwrapCache.Options(cfg.disableCoalescing)
+	unwrap.SharedTimeout = sharedCallTimeout
 	p := &Provider{
 		cfg: cfg, log: logger.Named("azurekv"), client: client, hc: hc,
 		host: vaultHost(u.Host), alg: alg,
-		unwrapper: providers.NewUnwrapper(providers.UnwrapOptions{CacheSize: size, CacheTTL: ttl, NoCoalescing: cfg.disableCoalescing, SharedTimeout: sharedCallTimeout}),
+		unwrapper: providers.NewUnwrapper(unwrap),
 	}
 	p.keys = providers.NewKeyCache(p.load, p.published)
 	p.breaker = newBreaker(func(open bool, until time.Time, cause error) {

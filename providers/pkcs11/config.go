@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/kms-v2/kms-plugin/providers"
 )
@@ -32,13 +31,9 @@ const (
 	// DefaultKeySize for RSA versions. Many TPMs make 2048-bit keys only;
 	// `kmsctl keys init` then says to set keySize: 2048.
 	DefaultKeySize = 3072
-	// DefaultCacheSize bounds the unwrap cache: enough for every seed a
-	// few apiservers use after a restart, small enough to hold little key
-	// material in memory.
-	DefaultCacheSize = 1000
-	// DefaultCacheTTL keeps unwrapped seeds only for the burst of reads
-	// that follows an apiserver restart.
-	DefaultCacheTTL = 5 * time.Minute
+	// DefaultCacheSize and DefaultCacheTTL are the shared unwrap cache's.
+	DefaultCacheSize = providers.DefaultUnwrapCacheSize
+	DefaultCacheTTL  = providers.DefaultUnwrapCacheTTL
 )
 
 // Config is the provider's section of the plugin config YAML (key `pkcs11`
@@ -81,33 +76,12 @@ type Config struct {
 	disableCoalescing bool
 }
 
-// UnwrapCache configures the cache of unwrapped seeds.
-type UnwrapCache struct {
-	// Size is the most entries kept; 0 turns the cache off.
-	Size int `json:"size"`
-	// TTL is how long an entry lives; default DefaultCacheTTL.
-	TTL Duration `json:"ttl,omitempty"`
-}
-
-// Duration is a time.Duration written in YAML as a Go duration string
-// ("5m"). Package config has its own; this one keeps the backend free of
-// an import cycle.
-type Duration time.Duration
-
-// MarshalJSON writes d as a duration string.
-func (d Duration) MarshalJSON() ([]byte, error) {
-	return []byte(`"` + time.Duration(d).String() + `"`), nil
-}
-
-// UnmarshalJSON reads a duration string such as "5m".
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	v, err := time.ParseDuration(strings.Trim(string(b), `"`))
-	if err != nil {
-		return fmt.Errorf("duration %s: want a value such as 30s or 5m", b)
-	}
-	*d = Duration(v)
-	return nil
-}
+// UnwrapCache and Duration are the shared section types, kept under
+// their old names.
+type (
+	UnwrapCache = providers.UnwrapCache
+	Duration    = providers.Duration
+)
 
 // ResolvePaths makes the relative PinFile and Module paths absolute against
 // dir, the folder of the config file, so the plugin does not depend on its
@@ -189,13 +163,8 @@ func (c Config) validateAlgorithm() error {
 	default:
 		return fmt.Errorf("pkcs11.keySize %d: want 2048, 3072 (default) or 4096", c.KeySize)
 	}
-	if uc := c.UnwrapCache; uc != nil {
-		if uc.Size < 0 || uc.Size > 1_000_000 {
-			return fmt.Errorf("pkcs11.unwrapCache.size %d: want 0 (off) to 1000000", uc.Size)
-		}
-		if uc.TTL < 0 || time.Duration(uc.TTL) > time.Hour {
-			return fmt.Errorf("pkcs11.unwrapCache.ttl %s: want at most 1h (seeds stay in memory that long)", time.Duration(uc.TTL))
-		}
+	if err := c.UnwrapCache.Validate("pkcs11.unwrapCache"); err != nil {
+		return err
 	}
 	return nil
 }
@@ -220,14 +189,7 @@ func (c Config) keySize() int {
 
 // unwrapOptions shapes the RSA mode's Unwrapper from UnwrapCache.
 func (c Config) unwrapOptions() providers.UnwrapOptions {
-	o := providers.UnwrapOptions{CacheSize: DefaultCacheSize, CacheTTL: DefaultCacheTTL, NoCoalescing: c.disableCoalescing}
-	if uc := c.UnwrapCache; uc != nil {
-		o.CacheSize = uc.Size
-		if uc.TTL > 0 {
-			o.CacheTTL = time.Duration(uc.TTL)
-		}
-	}
-	return o
+	return c.UnwrapCache.Options(c.disableCoalescing)
 }
 
 func (c Config) sessions() int {
