@@ -17,6 +17,7 @@ type Metrics struct {
 	reloads         *prometheus.CounterVec
 	healthy         prometheus.Gauge
 	providerHealthy *prometheus.GaugeVec
+	logsDropped     *prometheus.CounterVec
 
 	mu             sync.Mutex
 	currentPrimary string
@@ -59,12 +60,22 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kms_plugin_provider_healthy",
 			Help: "1 while each configured provider's last background check passed; a decrypt-only provider at 0 fails reads of objects still under it.",
 		}, []string{"provider"}),
+		logsDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kms_plugin_log_lines_dropped_total",
+			Help: "Log lines not written, by reason (rate_limited: over the request log budget).",
+		}, []string{"reason"}),
 	}
+	// Present from the start, so an alert on its rate has a series.
+	m.logsDropped.WithLabelValues(reasonRateLimited)
 	if reg != nil {
-		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy)
+		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy,
+			m.logsDropped)
 	}
 	return m
 }
+
+// reasonRateLimited labels log lines dropped by a request log budget.
+const reasonRateLimited = "rate_limited"
 
 // setPrimary records the current primary key_id hash.
 func (m *Metrics) setPrimary(hash string) {
