@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -127,13 +126,14 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	go svc.Run(bg)
 
 	if healthLn != nil {
-		hs := &http.Server{Handler: plugin.HealthHandler(svc, reg), ReadHeaderTimeout: 5 * time.Second}
+		healthDone := make(chan struct{})
 		go func() {
-			if err := hs.Serve(healthLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			defer close(healthDone)
+			if err := svc.ServeHealth(bg, healthLn, reg); err != nil {
 				log.Error("health server stopped", "error", err)
 			}
 		}()
-		defer hs.Close()
+		defer func() { cancelBG(); <-healthDone }()
 		log.Info("health endpoint listening", "addr", healthLn.Addr().String())
 	}
 
