@@ -68,10 +68,54 @@ const (
 	maxHealthConns = 64
 )
 
-// ServeHealth serves HealthHandler(s, gatherer) on ln until ctx ends, then
+// Pacing of health bind retries: the first 1 s after a failure, doubling
+// to at most 10 s, so a port taken for hours costs a line every 10 s.
+const (
+	healthBindRetry    = time.Second
+	healthBindRetryMax = 10 * time.Second
+)
+
+// ServeHealth serves HealthHandler(s, gatherer) on addr until ctx ends.
+//
+// The endpoint is optional to the plugin's job and the socket is not:
+// failing to bind addr (the port taken by another process, or by a
+// previous instance still shutting down) must not stop the plugin serving
+// every apiserver. So a failed bind is logged, counted in
+// kms_plugin_health_bind_errors_total and retried (see healthBindRetry)
+// until it works or ctx ends; so is a server that stops on its own.
+func (s *Service) ServeHealth(ctx context.Context, addr string, gatherer prometheus.Gatherer) {
+	wait, failures := healthBindRetry, 0
+	for {
+		ln, err := net.Listen("tcp", addr)
+		if err == nil {
+			if failures > 0 {
+				s.log.Info("health endpoint listening", "addr", ln.Addr().String(), "failed_binds", failures)
+			} else {
+				s.log.Info("health endpoint listening", "addr", ln.Addr().String())
+			}
+			err = s.serveHealth(ctx, ln, gatherer)
+			if ctx.Err() != nil {
+				return
+			}
+			s.log.Error("health server stopped; binding again", "addr", addr, "error", err, "retry_in", wait)
+		} else {
+			failures++
+			s.m.healthBindErrs.Inc()
+			s.log.Error("cannot bind the health address; the socket is served, the health endpoint is retried", "addr", addr, "error", err, "retry_in", wait)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, healthBindRetryMax)
+	}
+}
+
+// serveHealth serves HealthHandler(s, gatherer) on ln until ctx ends, then
 // closes it. Timeouts, header size and connections are bounded (see
 // connCap), so no client of the port can grow the plugin's memory.
-func (s *Service) ServeHealth(ctx context.Context, ln net.Listener, gatherer prometheus.Gatherer) error {
+func (s *Service) serveHealth(ctx context.Context, ln net.Listener, gatherer prometheus.Gatherer) error {
 	srv := newHealthServer(HealthHandler(s, gatherer))
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(netutil.LimitListener(ln, maxHealthConns)) }()

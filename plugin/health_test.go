@@ -6,12 +6,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestHealthServerLimits(t *testing.T) {
@@ -24,7 +26,7 @@ func TestHealthServerLimits(t *testing.T) {
 	}
 }
 
-// serveHealth runs ServeHealth on a fresh loopback port until the test
+// serveHealth runs serveHealth on a fresh loopback port until the test
 // ends and returns its address.
 func serveHealth(t *testing.T, s *Service) string {
 	t.Helper()
@@ -34,11 +36,11 @@ func serveHealth(t *testing.T, s *Service) string {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- s.ServeHealth(ctx, ln, prometheus.NewRegistry()) }()
+	go func() { done <- s.serveHealth(ctx, ln, prometheus.NewRegistry()) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
-			t.Errorf("ServeHealth: %v", err)
+			t.Errorf("serveHealth: %v", err)
 		}
 	})
 	return ln.Addr().String()
@@ -146,4 +148,53 @@ func TestHealthConnectionCap(t *testing.T) {
 		t.Fatalf("the server closed %d of %d idle connections, want at least %d (cap %d)", closed.Load(), idle, want, maxHealthConns)
 	}
 	t.Logf("%d of %d idle connections closed to keep within %d", closed.Load(), idle, maxHealthConns)
+}
+
+// TestHealthBindRetry: with the health port taken, ServeHealth counts and
+// logs the failure and keeps trying; once the port is free it serves.
+func TestHealthBindRetry(t *testing.T) {
+	var logs lockedBuffer
+	s := newServiceTo(t, &fakeProvider{keyID: "fake:k1"}, &logs)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := taken.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.ServeHealth(ctx, addr, prometheus.NewRegistry()) }()
+
+	waitFor(t, 5*time.Second, "a bind error counted", func() bool { return testutil.ToFloat64(s.m.healthBindErrs) >= 1 })
+	if !strings.Contains(logs.String(), "cannot bind the health address") || !strings.Contains(logs.String(), addr) {
+		t.Errorf("the bind failure was not logged with the address:\n%s", logs.String())
+	}
+	taken.Close()
+
+	get := &http.Client{Timeout: time.Second}
+	waitFor(t, 2*healthBindRetryMax, "/healthz answering after the port was freed", func() bool {
+		resp, err := get.Get("http://" + addr + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("ServeHealth did not return after its context ended")
+	}
+}
+
+// waitFor polls cond until it holds or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s within %v", what, d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -18,6 +18,7 @@ type Metrics struct {
 	healthy         prometheus.Gauge
 	providerHealthy *prometheus.GaugeVec
 	logsDropped     *prometheus.CounterVec
+	healthBindErrs  prometheus.Counter
 
 	mu             sync.Mutex
 	currentPrimary string
@@ -64,12 +65,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kms_plugin_log_lines_dropped_total",
 			Help: "Log lines not written, by reason (rate_limited: over the request log budget).",
 		}, []string{"reason"}),
+		healthBindErrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kms_plugin_health_bind_errors_total",
+			Help: "Failed attempts to bind the health address; the socket is served regardless, and the bind is retried.",
+		}),
 	}
 	// Present from the start, so an alert on its rate has a series.
 	m.logsDropped.WithLabelValues(reasonRateLimited)
 	if reg != nil {
 		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy,
-			m.logsDropped)
+			m.logsDropped, m.healthBindErrs)
 	}
 	return m
 }

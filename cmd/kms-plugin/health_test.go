@@ -1,9 +1,12 @@
 package main
 
 import (
+	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -81,5 +84,35 @@ func TestHealthPortUnderIdleConnections(t *testing.T) {
 		mib(rssBefore), mib(rss), len(held), mib(peak), mib(limit))
 	if peak >= limit {
 		t.Fatalf("plugin peak RSS %.1f MiB reached the static pod's memory limit %.0f MiB", mib(peak), mib(limit))
+	}
+}
+
+// TestHealthPortTakenAtStart: a health port another process holds does not
+// stop the plugin serving its socket; the failure is logged and counted,
+// and the endpoint comes up once the port is free.
+func TestHealthPortTakenAtStart(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	health := taken.Addr().String()
+	e := newEnv(t, true)
+	e.writeConfig(t, fmt.Sprintf("socket: %s\nhealth: %s\nprovider:\n  file:\n    path: keyset.json\n", e.socket, health))
+	_, logs := startPluginLogs(t, e)
+
+	if st, err := client(t, e).Status(context.Background()); err != nil || st.Healthz != "ok" {
+		t.Fatalf("Status with the health port taken = %+v, %v; want the socket served", st, err)
+	}
+	if !strings.Contains(logs.String(), "cannot bind the health address") {
+		t.Fatalf("the bind failure is not in the log:\n%s", logs.String())
+	}
+	taken.Close()
+
+	start := time.Now()
+	waitHTTP(t, "http://"+health+"/healthz")
+	t.Logf("/healthz answered %v after the port was freed", time.Since(start).Round(time.Millisecond))
+	if n := metricValue(scrape(t, "http://"+health+"/metrics"), "kms_plugin_health_bind_errors_total"); n < 1 {
+		t.Fatalf("kms_plugin_health_bind_errors_total = %v, want >= 1", n)
 	}
 }

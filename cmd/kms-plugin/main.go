@@ -7,7 +7,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -107,14 +106,6 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		return err
 	}
 
-	var healthLn net.Listener
-	if cfg.Health != "" {
-		healthLn, err = net.Listen("tcp", cfg.Health)
-		if err != nil {
-			return fmt.Errorf("health %s: %w", cfg.Health, err)
-		}
-		defer healthLn.Close()
-	}
 	sock, err := plugin.Listen(cfg.Socket, cfg.SocketGroup)
 	if err != nil {
 		return err
@@ -125,16 +116,12 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	defer cancelBG()
 	go svc.Run(bg)
 
-	if healthLn != nil {
+	if cfg.Health != "" {
+		// Optional: a port it cannot bind is logged and retried, never a
+		// reason not to serve the socket.
 		healthDone := make(chan struct{})
-		go func() {
-			defer close(healthDone)
-			if err := svc.ServeHealth(bg, healthLn, reg); err != nil {
-				log.Error("health server stopped", "error", err)
-			}
-		}()
+		go func() { defer close(healthDone); svc.ServeHealth(bg, cfg.Health, reg) }()
 		defer func() { cancelBG(); <-healthDone }()
-		log.Info("health endpoint listening", "addr", healthLn.Addr().String())
 	}
 
 	gs := plugin.NewGRPCServer(svc)

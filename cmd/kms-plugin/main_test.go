@@ -248,10 +248,6 @@ func TestServeBadInput(t *testing.T) {
 		{"relative socket outside", func(t *testing.T, e env) {
 			e.writeConfig(t, "socket: '@abstract'\nprovider: {file: {path: keyset.json}}\n")
 		}, "abstract"},
-		{"health port taken", func(t *testing.T, e env) {
-			ln := listenTCP(t)
-			e.writeConfig(t, "socket: "+e.socket+"\nhealth: "+ln+"\nprovider: {file: {path: keyset.json}}\n")
-		}, "health"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
