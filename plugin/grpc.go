@@ -115,7 +115,10 @@ func (h refusedRequests) HandleRPC(ctx context.Context, st stats.RPCStats) {
 	code := status.Code(end.Error)
 	// Only registered methods reach here, so the label stays bounded.
 	h.s.m.requests.WithLabelValues(tag.method, code.String()).Inc()
-	h.s.logRequest(code, "kms request refused before decoding", []any{"method", tag.method, "code", code.String(), "error", status.Convert(end.Error).Message()})
+	// Whatever the code (an undecodable message is Internal), the request
+	// was at fault: its line is on the client budget.
+	h.s.logLine(hclog.Warn, h.s.clientLogs, "kms request refused before decoding",
+		[]any{"method", tag.method, "code", code.String(), "error", status.Convert(end.Error).Message()})
 }
 
 // TagConn is a no-op: only requests are tracked.
@@ -141,7 +144,7 @@ func (s *Service) metricsInterceptor(ctx context.Context, req any, info *grpc.Un
 // logInterceptor logs each request with the apiserver's uid, the key_id and
 // the outcome: never plaintext, ciphertext or annotations' values. The uid
 // and an oversized key_id are clipped to logClip bytes, and failures are
-// rate-limited (see logRequest).
+// rate-limited (see logLine).
 func (s *Service) logInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	resp, err := handler(ctx, req)
@@ -163,7 +166,8 @@ func (s *Service) logInterceptor(ctx context.Context, req any, info *grpc.UnaryS
 	if err != nil {
 		args = append(args, "error", status.Convert(err).Message())
 	}
-	s.logRequest(code, "kms request", args)
+	level, budget := s.logClass(code)
+	s.logLine(level, budget, "kms request", args)
 	return resp, err
 }
 
@@ -177,21 +181,25 @@ func requestKeyID(id string) string {
 	return id
 }
 
-// logRequest writes one line about a request: DEBUG when it succeeded;
-// otherwise WARN (ERROR for Internal) within the client or failure budget,
-// by code. A line over its budget is dropped and counted; the next one
-// written carries how many were dropped before it.
-func (s *Service) logRequest(code codes.Code, msg string, args []any) {
-	level, budget := hclog.Debug, (*logBudget)(nil)
+// logClass is the level and budget of a line about a request that ended
+// with code: DEBUG and unbudgeted when it succeeded; otherwise WARN (ERROR
+// for Internal) on the client or the failure budget.
+func (s *Service) logClass(code codes.Code) (hclog.Level, *logBudget) {
 	switch {
 	case code == codes.OK:
+		return hclog.Debug, nil
 	case clientCaused(code):
-		level, budget = hclog.Warn, s.clientLogs
+		return hclog.Warn, s.clientLogs
 	case code == codes.Internal:
-		level, budget = hclog.Error, s.failureLogs
-	default:
-		level, budget = hclog.Warn, s.failureLogs
+		return hclog.Error, s.failureLogs
 	}
+	return hclog.Warn, s.failureLogs
+}
+
+// logLine writes a line at level unless budget (nil: none) is spent. A
+// line over its budget is dropped and counted; the next one written
+// carries how many were dropped before it.
+func (s *Service) logLine(level hclog.Level, budget *logBudget, msg string, args []any) {
 	if level < s.log.GetLevel() {
 		return // would not be written: spends no budget
 	}
@@ -214,13 +222,8 @@ func (s *Service) logRequest(code codes.Code, msg string, args []any) {
 func (s *Service) recoverInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			if ok, dropped := s.failureLogs.take(); ok {
-				args := []any{"method", info.FullMethod, "panic", r, "stack", string(debug.Stack())}
-				if dropped > 0 {
-					args = append(args, "dropped_before", dropped)
-				}
-				s.log.Error("panic in request handler", args...)
-			}
+			s.logLine(hclog.Error, s.failureLogs, "panic in request handler",
+				[]any{"method", info.FullMethod, "panic", r, "stack", string(debug.Stack())})
 			resp, err = nil, status.Errorf(codes.Internal, "%s: internal error", methodName(info.FullMethod))
 		}
 	}()
