@@ -72,7 +72,14 @@ func TestOversizedRequestsAreRefused(t *testing.T) {
 		wg      sync.WaitGroup
 		peak    atomic.Int64
 	)
-	stop := time.Now().Add(3 * time.Second)
+	// At least 3 s and 300 calls (well past the log budget's burst and
+	// rate, however slow the machine), at most 30 s.
+	const minCalls = 300
+	stop, hardStop := time.Now().Add(3*time.Second), time.Now().Add(30*time.Second)
+	more := func() bool {
+		now := time.Now()
+		return now.Before(hardStop) && (now.Before(stop) || calls.Load() < minCalls)
+	}
 	sampling, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(sampling)
@@ -91,7 +98,7 @@ func TestOversizedRequestsAreRefused(t *testing.T) {
 		c, closeConn := dial()
 		wg.Go(func() {
 			defer closeConn()
-			for time.Now().Before(stop) {
+			for more() {
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 				_, err := c.Decrypt(ctx, huge)
 				cancel()
