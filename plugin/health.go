@@ -88,6 +88,7 @@ func (s *Service) ServeHealth(ctx context.Context, addr string, gatherer prometh
 	for {
 		ln, err := net.Listen("tcp", addr)
 		if err == nil {
+			wait = healthBindRetry
 			if failures > 0 {
 				s.log.Info("health endpoint listening", "addr", ln.Addr().String(), "failed_binds", failures)
 			} else {
