@@ -8,6 +8,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -25,6 +26,12 @@ const (
 	DefaultRefreshInterval = 5 * time.Second
 	DefaultMaxStaleness    = 30 * time.Second
 )
+
+// MaxFileSize is the largest configuration file Load accepts: a real one
+// is a few hundred bytes, and a path that names something else (a log, a
+// device, a FIFO that never ends) must fail with a clear line rather than
+// be read into memory whole.
+const MaxFileSize = 1 << 20
 
 // Config is the whole configuration file.
 type Config struct {
@@ -72,9 +79,9 @@ type Log struct {
 // Load reads, parses and validates the configuration file at path; kinds
 // are the backends compiled into the binary.
 func Load(path string, kinds providers.Kinds) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := readFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+		return nil, err
 	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
@@ -85,6 +92,35 @@ func Load(path string, kinds providers.Kinds) (*Config, error) {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return c, nil
+}
+
+// readFile reads path through io.LimitReader, at most MaxFileSize+1 bytes,
+// so a file over the limit is refused without being read whole, whatever
+// it is.
+func readFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	tooBig := func(size string) error {
+		return fmt.Errorf("config %s: %s, over the %d-byte (1 MiB) limit; is this the plugin's configuration file?", path, size, MaxFileSize)
+	}
+	if fi.Mode().IsRegular() && fi.Size() > MaxFileSize {
+		return nil, tooBig(fmt.Sprintf("%d bytes", fi.Size()))
+	}
+	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if len(data) > MaxFileSize { // not a regular file, or one that grew
+		return nil, tooBig(fmt.Sprintf("more than %d bytes", MaxFileSize))
+	}
+	return data, nil
 }
 
 // Parse parses configuration bytes; relative paths resolve against dir,

@@ -17,6 +17,8 @@ type Metrics struct {
 	reloads         *prometheus.CounterVec
 	healthy         prometheus.Gauge
 	providerHealthy *prometheus.GaugeVec
+	logsDropped     *prometheus.CounterVec
+	healthBindErrs  prometheus.Counter
 
 	mu             sync.Mutex
 	currentPrimary string
@@ -59,12 +61,26 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kms_plugin_provider_healthy",
 			Help: "1 while each configured provider's last background check passed; a decrypt-only provider at 0 fails reads of objects still under it.",
 		}, []string{"provider"}),
+		logsDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kms_plugin_log_lines_dropped_total",
+			Help: "Log lines not written, by reason (rate_limited: over the request log budget).",
+		}, []string{"reason"}),
+		healthBindErrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kms_plugin_health_bind_errors_total",
+			Help: "Failed attempts to bind the health address; the socket is served regardless, and the bind is retried.",
+		}),
 	}
+	// Present from the start, so an alert on its rate has a series.
+	m.logsDropped.WithLabelValues(reasonRateLimited)
 	if reg != nil {
-		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy)
+		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy,
+			m.logsDropped, m.healthBindErrs)
 	}
 	return m
 }
+
+// reasonRateLimited labels log lines dropped by a request log budget.
+const reasonRateLimited = "rate_limited"
 
 // setPrimary records the current primary key_id hash.
 func (m *Metrics) setPrimary(hash string) {

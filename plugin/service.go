@@ -60,6 +60,9 @@ type Service struct {
 	health []atomic.Pointer[healthState]
 	// lastKeyID is the key_id last reported, to log changes once.
 	lastKeyID atomic.Pointer[string]
+	// clientLogs and failureLogs bound request log lines: those about
+	// bad requests, and those about the plugin's or backend's failures.
+	clientLogs, failureLogs *logBudget
 }
 
 // healthState is the result of the last background check.
@@ -100,6 +103,9 @@ func New(opts Options) (*Service, error) {
 		opts.CheckTimeout = 5 * time.Second
 	}
 	s := &Service{opts: opts, p: router, log: opts.Logger, m: opts.Metrics}
+	dropped := s.m.logsDropped.WithLabelValues(reasonRateLimited)
+	s.clientLogs = newLogBudget(clientLogRate, clientLogBurst, dropped)
+	s.failureLogs = newLogBudget(failureLogRate, failureLogBurst, dropped)
 	s.health = make([]atomic.Pointer[healthState], len(opts.Entries))
 	for i := range s.health {
 		s.health[i].Store(&healthState{reason: "not checked yet"})

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -68,6 +69,12 @@ func newService(t *testing.T, p providers.Provider, logs *bytes.Buffer) *Service
 	if logs == nil {
 		logs = &bytes.Buffer{}
 	}
+	return newServiceTo(t, p, logs)
+}
+
+// newServiceTo is newService logging to any writer.
+func newServiceTo(t *testing.T, p providers.Provider, logs io.Writer) *Service {
+	t.Helper()
 	s, err := New(Options{
 		Provider:      p,
 		Logger:        hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs}),

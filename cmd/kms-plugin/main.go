@@ -7,8 +7,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -108,14 +106,6 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		return err
 	}
 
-	var healthLn net.Listener
-	if cfg.Health != "" {
-		healthLn, err = net.Listen("tcp", cfg.Health)
-		if err != nil {
-			return fmt.Errorf("health %s: %w", cfg.Health, err)
-		}
-		defer healthLn.Close()
-	}
 	sock, err := plugin.Listen(cfg.Socket, cfg.SocketGroup)
 	if err != nil {
 		return err
@@ -126,15 +116,12 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	defer cancelBG()
 	go svc.Run(bg)
 
-	if healthLn != nil {
-		hs := &http.Server{Handler: plugin.HealthHandler(svc, reg), ReadHeaderTimeout: 5 * time.Second}
-		go func() {
-			if err := hs.Serve(healthLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("health server stopped", "error", err)
-			}
-		}()
-		defer hs.Close()
-		log.Info("health endpoint listening", "addr", healthLn.Addr().String())
+	if cfg.Health != "" {
+		// Optional: a port it cannot bind is logged and retried, never a
+		// reason not to serve the socket.
+		healthDone := make(chan struct{})
+		go func() { defer close(healthDone); svc.ServeHealth(bg, cfg.Health, reg) }()
+		defer func() { cancelBG(); <-healthDone }()
 	}
 
 	gs := plugin.NewGRPCServer(svc)
