@@ -296,20 +296,32 @@ func KeyReferences(ctx context.Context, e Etcd, keyIDs []string, pageSize int64)
 	for _, k := range keyIDs {
 		out[k] = 0
 	}
-	err := etcdlayout.Scan(ctx, e.Store, e.Layout.All(), pageSize, func(kv etcdlayout.KeyValue) error {
-		v := etcdlayout.Decode(kv.Value)
-		if _, want := out[v.KeyID]; want && v.Encoding == etcdlayout.EncodingKMSv2 {
-			out[v.KeyID]++
-		}
-		if v.Encoding == etcdlayout.EncodingUndecodable {
-			out[UndecodableKey]++
-		}
-		return nil
+	err := countReferences(ctx, e, pageSize, out, func(keyID string) (string, bool) {
+		_, want := out[keyID]
+		return keyID, want
 	})
 	if err != nil {
 		return nil, fmt.Errorf("scan %s in %s for key references: %w", e.Layout.All(), e.Store.Describe(), err)
 	}
 	return out, nil
+}
+
+// countReferences scans everything under the prefix once: each KMS v2
+// value whose key_id name maps to a counter adds one to out[name], and each
+// undecodable value one to out[UndecodableKey].
+func countReferences(ctx context.Context, e Etcd, pageSize int64, out map[string]int, name func(keyID string) (string, bool)) error {
+	return etcdlayout.Scan(ctx, e.Store, e.Layout.All(), pageSize, func(kv etcdlayout.KeyValue) error {
+		v := etcdlayout.Decode(kv.Value)
+		switch v.Encoding {
+		case etcdlayout.EncodingUndecodable:
+			out[UndecodableKey]++
+		case etcdlayout.EncodingKMSv2:
+			if n, ok := name(v.KeyID); ok {
+				out[n]++
+			}
+		}
+		return nil
+	})
 }
 
 // KMSv2Resources lists the etcd paths (first segment under the prefix)

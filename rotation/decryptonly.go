@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/kms-v2/kms-plugin/providers"
-	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // DecryptOnly is a configured provider after the first: the plugin
@@ -40,20 +39,13 @@ func ProviderReferences(ctx context.Context, e Etcd, ps []DecryptOnly) (map[stri
 	for _, p := range ps {
 		out[p.Name] = 0
 	}
-	err := etcdlayout.Scan(ctx, e.Store, e.Layout.All(), 0, func(kv etcdlayout.KeyValue) error {
-		v := etcdlayout.Decode(kv.Value)
-		switch v.Encoding {
-		case etcdlayout.EncodingUndecodable:
-			out[UndecodableKey]++
-		case etcdlayout.EncodingKMSv2:
-			for _, p := range ps {
-				if p.Owns(v.KeyID) {
-					out[p.Name]++
-					break
-				}
+	err := countReferences(ctx, e, 0, out, func(keyID string) (string, bool) {
+		for _, p := range ps {
+			if p.Owns(keyID) {
+				return p.Name, true
 			}
 		}
-		return nil
+		return "", false
 	})
 	if err != nil {
 		return nil, fmt.Errorf("scan %s in %s for objects under decrypt-only providers: %w", e.Layout.All(), e.Store.Describe(), err)
