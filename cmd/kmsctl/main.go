@@ -11,9 +11,14 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/kms-v2/kms-plugin/providers/secretfile"
 )
 
 func main() {
+	// kmsctl is the administrator's tool: run as root it manages a keyset
+	// owned by the plugin's user, and keeps that owner.
+	secretfile.SetRole(secretfile.Admin)
 	root := &cobra.Command{
 		Use:           "kmsctl",
 		Short:         "Manage KMS v2 plugin keys and rotate them safely",

@@ -145,7 +145,7 @@ func TestSecretFilesMustBePrivate(t *testing.T) {
 		want []string // in the one-line error
 	}{
 		{"WorldReadableSecret", secret(write("secret-644", testSecret, 0o644)), []string{"auth.clientSecretFile", "mode 0644", "chmod 600"}},
-		{"GroupReadableSecret", secret(write("secret-640", testSecret, 0o640)), []string{"auth.clientSecretFile", "chmod 600"}},
+		{"GroupWritableSecret", secret(write("secret-660", testSecret, 0o660)), []string{"auth.clientSecretFile", "chmod 600"}},
 		{"EmptySecret", secret(write("secret-empty", "\n", 0o600)), []string{"auth.clientSecretFile", "empty"}},
 		{"WorldReadableCertificate", cert(write("cert-644", "-----BEGIN CERTIFICATE-----", 0o644)), []string{"auth.clientCertificateFile", "chmod 600"}},
 		{"PrivateButNotACertificate", cert(write("cert-600", "not pem", 0o600)), []string{"auth.clientCertificateFile", "want PEM"}},

@@ -16,7 +16,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
 
-	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/providers/secretfile"
 )
 
 // retryOptions fit every Key Vault call, retries included, inside the
@@ -98,7 +98,7 @@ func newCredential(a Auth, opts azcore.ClientOptions) (azcore.TokenCredential, e
 		return azidentity.NewClientSecretCredential(a.TenantID, a.ClientID, secret,
 			&azidentity.ClientSecretCredentialOptions{ClientOptions: opts, DisableInstanceDiscovery: noDiscovery})
 	case AuthClientCertificate:
-		data, err := providers.ReadSecretFile("auth.clientCertificateFile", a.ClientCertificateFile)
+		data, err := secretfile.Read("auth.clientCertificateFile", a.ClientCertificateFile)
 		if err != nil {
 			return nil, fmt.Errorf("azurekv: %w", err)
 		}
@@ -130,7 +130,7 @@ func newCredential(a Auth, opts azcore.ClientOptions) (azcore.TokenCredential, e
 // readSecretFile reads a secret that only its owner may read, trimming the
 // newline editors and `kubectl create secret --from-file` leave behind.
 func readSecretFile(field, path string) (string, error) {
-	b, err := providers.ReadSecretFile(field, path)
+	b, err := secretfile.Read(field, path)
 	if err != nil {
 		return "", fmt.Errorf("azurekv: %w", err)
 	}

@@ -22,6 +22,7 @@ import (
 	"crypto/cipher"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"sort"
 	"strconv"
@@ -108,16 +109,19 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Provider, error
 
 // Init creates the keyset file with one primary key. It refuses to replace
 // an existing file.
-func Init(_ context.Context, cfg Config, logger hclog.Logger) (providers.KeyVersion, error) {
+func Init(ctx context.Context, cfg Config, logger hclog.Logger) (providers.KeyVersion, error) {
 	if err := cfg.Validate(); err != nil {
 		return providers.KeyVersion{}, fmt.Errorf("file provider: %w", err)
 	}
-	unlock, err := lockDir(cfg.Path)
+	if _, err := os.Lstat(cfg.Path); err == nil {
+		return providers.KeyVersion{}, fmt.Errorf("keys init: keyset %s already exists; use `kmsctl keys create` to add a version: %w", cfg.Path, providers.ErrRefused)
+	}
+	w, err := beginWrite(ctx, cfg.Path)
 	if err != nil {
 		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
 	}
-	defer unlock()
-	if _, err := os.Lstat(cfg.Path); err == nil {
+	defer w.end()
+	if _, err := os.Lstat(w.target); err == nil {
 		return providers.KeyVersion{}, fmt.Errorf("keys init: keyset %s already exists; use `kmsctl keys create` to add a version: %w", cfg.Path, providers.ErrRefused)
 	}
 	name, err := newName()
@@ -142,7 +146,7 @@ func Init(_ context.Context, cfg Config, logger hclog.Logger) (providers.KeyVers
 	if err != nil {
 		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
 	}
-	if err := writeAtomic(cfg.Path, data); err != nil {
+	if err := w.write(data); err != nil {
 		return providers.KeyVersion{}, fmt.Errorf("keys init: %w", err)
 	}
 	v := providers.KeyVersion{KeyID: keyID(name, id), State: providers.StatePrimary, Created: now}
@@ -301,22 +305,23 @@ func (p *Provider) Refresh(ctx context.Context) error {
 	return nil
 }
 
-// load is the KeyCache's load: it checks the file is still present and
-// private on every call (a chmod does not change the stamp), and parses it
-// only when it changed.
+// load is the KeyCache's load: it checks the file and its folders are
+// still trusted on every call (a chmod or chown does not change the
+// stamp), and parses it only when it changed.
 func (p *Provider) load(context.Context) (*state, error) {
-	fi, err := os.Stat(p.path)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", openError(p.path, err), providers.ErrUnavailable)
+	f, fi, err := openKeyset(p.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %w", err, providers.ErrUnavailable)
 	}
-	if err := providers.CheckPrivate(pathField, p.path, fi); err != nil {
+	if err != nil {
 		return nil, fmt.Errorf("%w: %w", err, providers.ErrPermissionDenied)
 	}
+	defer f.Close()
 	old, _ := p.keys.Current()
 	if old != nil && stampOf(fi) == old.stamp {
 		return old, nil
 	}
-	l, err := readKeyset(p.path)
+	l, err := parseOpened(p.path, f, fi)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", err, providers.ErrUnavailable)
 	}
@@ -432,12 +437,12 @@ func find(st *state, id string) (*keyEntry, error) {
 // modify runs one locked read-modify-write cycle on the keyset file, then
 // loads the result into this provider.
 func (p *Provider) modify(ctx context.Context, op string, change func(*document, *keyset.Manager, *state) error) error {
-	unlock, err := lockDir(p.path)
+	w, err := beginWrite(ctx, p.path)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	defer unlock()
-	l, err := readKeyset(p.path)
+	defer w.end()
+	l, err := readKeyset(w.target)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
@@ -458,7 +463,7 @@ func (p *Provider) modify(ctx context.Context, op string, change func(*document,
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if err := writeAtomic(p.path, data); err != nil {
+	if err := w.write(data); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	// Reload, not Refresh: a refresh already in flight may have read the

@@ -5,17 +5,18 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/tink-crypto/tink-go/v2/insecurecleartextkeyset"
 	"github.com/tink-crypto/tink-go/v2/keyset"
 
-	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/providers/secretfile"
 )
 
 // document is the keyset file: a Tink keyset (key material, key IDs, status,
@@ -58,34 +59,37 @@ func stampOf(fi fs.FileInfo) fileStamp {
 // pathField names the configuration field of the keyset file in errors.
 const pathField = "file.path"
 
-// openError says how to fix a keyset file that cannot be opened.
-func openError(path string, err error) error {
-	if os.IsNotExist(err) {
-		return fmt.Errorf("keyset %s does not exist; create it with `kmsctl keys init --config FILE`", path)
+// openKeyset opens the keyset through secretfile.Open, so it is read only
+// when no other user can read or swap it, and a missing file says how to
+// create one.
+func openKeyset(path string) (*os.File, fs.FileInfo, error) {
+	f, fi, err := secretfile.Open(pathField, path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, fmt.Errorf("keyset %s does not exist; create it with `kmsctl keys init --config FILE`: %w", path, err)
 	}
-	return err
+	return f, fi, err
 }
 
-// readKeyset loads the keyset file, refusing one that other users could
-// read: it holds key material unencrypted.
+// readKeyset loads the keyset file.
 func readKeyset(path string) (*loaded, error) {
-	f, err := os.Open(path)
+	f, fi, err := openKeyset(path)
 	if err != nil {
-		return nil, openError(path, err)
+		return nil, err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
+	return parseOpened(path, f, fi)
+}
+
+// parseOpened reads and parses an opened keyset file.
+func parseOpened(path string, f *os.File, fi fs.FileInfo) (*loaded, error) {
+	data, err := io.ReadAll(io.LimitReader(f, secretfile.MaxSize+1))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("keyset %s: %w", path, err)
 	}
-	if err := providers.CheckPrivate(pathField, path, fi); err != nil {
-		return nil, err
+	if len(data) > secretfile.MaxSize {
+		return nil, fmt.Errorf("keyset %s is larger than %d bytes; point %s at a keyset file", path, secretfile.MaxSize, pathField)
 	}
-	var buf bytes.Buffer
-	if _, err := buf.ReadFrom(f); err != nil {
-		return nil, err
-	}
-	l, err := parseKeyset(buf.Bytes())
+	l, err := parseKeyset(data)
 	if err != nil {
 		return nil, fmt.Errorf("keyset %s: %w", path, err)
 	}
@@ -101,6 +105,11 @@ func parseKeyset(data []byte) (*loaded, error) {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&doc); err != nil {
 		return nil, fmt.Errorf("not a kms-plugin keyset file: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		// A second document (or garbage) after the first is never ours: a
+		// botched edit or an append, and half of it would be ignored.
+		return nil, fmt.Errorf("not a kms-plugin keyset file: data after the keyset document at byte %d", dec.InputOffset())
 	}
 	if doc.Name == "" || len(doc.Keyset) == 0 {
 		return nil, fmt.Errorf("not a kms-plugin keyset file: name or keyset missing")
@@ -139,59 +148,6 @@ func encode(doc document, h *keyset.Handle) ([]byte, error) {
 		return nil, err
 	}
 	return append(out, '\n'), nil
-}
-
-// writeAtomic replaces path with data: a 0600 temp file in the same folder,
-// synced, renamed over the target, and the folder synced. A reader (a
-// running plugin) sees the old file or the new one, never a partial one.
-func writeAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name()) // no-op after a successful rename
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
-// lockDir takes an exclusive advisory lock on the keyset's folder, so two
-// kmsctl runs never interleave read-modify-write cycles on the file.
-func lockDir(path string) (unlock func(), err error) {
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return nil, err
-	}
-	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_EX); err != nil {
-		d.Close()
-		return nil, fmt.Errorf("lock %s: %w", filepath.Dir(path), err)
-	}
-	return func() {
-		_ = syscall.Flock(int(d.Fd()), syscall.LOCK_UN)
-		d.Close()
-	}, nil
 }
 
 // newName returns a fresh keyset name.

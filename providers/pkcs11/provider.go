@@ -16,6 +16,7 @@ import (
 	"github.com/miekg/pkcs11"
 
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/providers/secretfile"
 )
 
 // Provider wraps seeds with AES-256-GCM keys held in a PKCS#11 token. It
@@ -51,7 +52,7 @@ var (
 // readable by other local users is a PIN given away. The line ending an
 // editor leaves is not part of the PIN.
 func readPIN(path string) (string, error) {
-	b, err := providers.ReadSecretFile("pkcs11.pinFile", path)
+	b, err := secretfile.Read("pkcs11.pinFile", path)
 	if err != nil {
 		return "", err
 	}

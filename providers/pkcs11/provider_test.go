@@ -227,7 +227,7 @@ func TestNewRefusesBadSetups(t *testing.T) {
 	}{
 		{"WrongPIN", func(c *Config) { c.PinFile = writePin(t, dir, "not-the-pin\n", 0o600) }, providers.ErrPermissionDenied, "PIN"},
 		{"WorldReadablePIN", func(c *Config) { c.PinFile = writePin(t, dir, tk.PIN, 0o644) }, nil, "chmod 600"},
-		{"GroupReadablePIN", func(c *Config) { c.PinFile = writePin(t, dir, tk.PIN, 0o640) }, nil, "chmod 600"},
+		{"OthersReadablePIN", func(c *Config) { c.PinFile = writePin(t, dir, tk.PIN, 0o604) }, nil, "chmod 600"},
 		{"EmptyPIN", func(c *Config) { c.PinFile = writePin(t, dir, "\n", 0o600) }, nil, "empty"},
 		{"MissingPinFile", func(c *Config) { c.PinFile = filepath.Join(dir, "nope") }, os.ErrNotExist, "pinFile"},
 		{"MissingModule", func(c *Config) { c.Module = filepath.Join(dir, "libnope.so") }, providers.ErrUnavailable, "libnope.so"},
