@@ -322,7 +322,11 @@ func checkFolders(dir string, isSocketFolder bool) error {
 
 // heldError is a path held by something the plugin must not remove: a
 // live socket, or a file that is not a socket.
-type heldError struct{ msg string }
+type heldError struct {
+	msg string
+	// what holds the path, for the message when it happens at run time.
+	what string
+}
 
 func (e *heldError) Error() string { return e.msg }
 
@@ -336,12 +340,19 @@ func removeStale(path string) error {
 		return fmt.Errorf("socket %s: %w", path, err)
 	}
 	if fi.Mode()&fs.ModeSocket == 0 {
-		return &heldError{fmt.Sprintf("socket %s: a %s is in the way and will not be removed; delete it or choose another socket path", path, describeMode(fi.Mode()))}
+		kind := describeMode(fi.Mode())
+		return &heldError{
+			msg:  fmt.Sprintf("socket %s: a %s is in the way and will not be removed; delete it or choose another socket path", path, kind),
+			what: "a " + kind + ", which the plugin will not remove; delete it",
+		}
 	}
 	conn, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
 		conn.Close()
-		return &heldError{fmt.Sprintf("socket %s is already served by another process; stop it or choose another socket path", path)}
+		return &heldError{
+			msg:  fmt.Sprintf("socket %s is already served by another process; stop it or choose another socket path", path),
+			what: "another process's live socket; stop that process or give each plugin its own socket path",
+		}
 	}
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("socket %s exists and its state is unclear (%v); remove it by hand if no plugin runs", path, err)
@@ -487,7 +498,7 @@ func (s *Socket) rebindLocked() error {
 	var held *heldError
 	switch {
 	case errors.As(err, &held):
-		s.fatal = &takenError{fmt.Sprintf("socket %s %s: %s; exiting rather than compete for the apiserver's connections (restart the plugin once the path is free)", s.path, s.lost, held.msg)}
+		s.fatal = &takenError{fmt.Sprintf("socket %s was replaced by %s, then restart the plugin; exiting rather than compete for the apiserver's connections", s.path, held.what)}
 		s.ln.Close() // Accept returns fatal; the plugin prints it as it exits
 		return s.fatal
 	case err != nil:

@@ -112,6 +112,7 @@ func TestServeUnhealthyWhileSocketLost(t *testing.T) {
 		code, body = healthz(t, health)
 		return code == http.StatusServiceUnavailable
 	})
+	t.Logf("/healthz: %s", body)
 	if !strings.Contains(body, "socket") || !strings.Contains(body, "chmod o-w") {
 		t.Errorf("/healthz body %q, want the socket problem and its fix", body)
 	}
@@ -168,9 +169,11 @@ func TestServeExitsWhenSocketTaken(t *testing.T) {
 	if !errors.As(err, &ee) || ee.ExitCode() == 0 {
 		t.Fatalf("exit: %v, want a non-zero exit", err)
 	}
-	if lines := nonLogLines(logs.String()); len(lines) != 1 || !strings.Contains(lines[0], "another process") {
-		t.Errorf("error lines %q, want one naming another process", lines)
+	lines := nonLogLines(logs.String())
+	if len(lines) != 1 || !strings.Contains(lines[0], "another process") {
+		t.Fatalf("error lines %q, want one naming another process", lines)
 	}
+	t.Log(lines[0])
 	if fi, err := os.Lstat(e.socket); err != nil || fi.Mode()&os.ModeSocket == 0 {
 		t.Fatalf("the other process's socket is gone: %v", err)
 	}
