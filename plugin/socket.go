@@ -113,8 +113,9 @@ func Listen(path, group string) (*Socket, error) {
 // NewSocket creates the Unix socket at cfg.Path for the KMS v2 service.
 //
 // The path must be absolute and fit sun_path; abstract sockets ("@name")
-// are refused because they have no file permissions. Missing folders are
-// created 0750 (in cfg.Group when set). An existing file is removed only
+// are refused because they have no file permissions. The folders on the
+// way must pass the checks described at Socket; missing ones are created
+// 0750 (in cfg.Group when set). An existing file is removed only
 // when it is a socket nobody answers on (a stale socket from a crashed
 // plugin); a live socket or any other file is an error. The socket is
 // 0600, or 0660 owned by cfg.Group when set. A failed start leaves no
