@@ -12,6 +12,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -39,9 +41,22 @@ type Config struct {
 	// named in the EncryptionConfiguration (unix://<socket>).
 	Socket string `json:"socket"`
 	// SocketGroup, when set, makes the socket 0660 and owned by this group
-	// (a name or a numeric gid), so an apiserver running as another user in
-	// that group can connect. Unset: 0600, owner only.
+	// (a name or a numeric gid from 0 to 4294967294), so an apiserver
+	// running as another user in that group can connect; a socket folder
+	// the plugin creates is then 0750 in that group, so the group can reach
+	// the socket. Unset: 0600, owner only.
 	SocketGroup string `json:"socketGroup,omitempty"`
+	// AllowedPeers, when set, is who may use the socket, checked on every
+	// connection with the credentials the kernel records for the
+	// connecting process (SO_PEERCRED): a peer is served when its uid is in
+	// uids or its gid is in gids; any other connection is closed before a
+	// request is read, counted in kms_plugin_peers_refused_total and
+	// logged once per uid. Unset: whoever the socket's file mode lets in.
+	//
+	//	allowedPeers:
+	//	  uids: [0]       # kube-apiserver running as root
+	//	  gids: [1001]    # or any process whose primary group is 1001
+	AllowedPeers *Peers `json:"allowedPeers,omitempty"`
 	// Health is an optional loopback address (127.0.0.1:PORT) serving
 	// /healthz, /readyz and Prometheus /metrics.
 	Health string `json:"health,omitempty"`
@@ -67,6 +82,24 @@ type Config struct {
 	// shorthand: the file used provider:, so errors say so.
 	shorthand bool
 }
+
+// Peers lists the uids and gids allowed to connect to the socket. The gid
+// is the connecting process's effective primary gid (the kernel does not
+// report supplementary groups here). At least one id must be listed.
+type Peers struct {
+	// UIDs are user ids, 0 to 4294967294.
+	UIDs []int64 `json:"uids,omitempty"`
+	// GIDs are group ids, 0 to 4294967294.
+	GIDs []int64 `json:"gids,omitempty"`
+}
+
+// MaxSocketPath is the longest socket path Linux can bind: sun_path holds
+// 108 bytes including the final NUL. (plugin.MaxSocketPath is the same
+// limit, where the socket is made.)
+const MaxSocketPath = 107
+
+// MaxID is the largest uid or gid: 2^32-1 is (uid_t)-1, "no id".
+const MaxID = 1<<32 - 2
 
 // Log configures the plugin's structured logs.
 type Log struct {
@@ -135,6 +168,9 @@ func Parse(data []byte, dir string, kinds providers.Kinds) (*Config, error) {
 		}
 		return nil, errors.New(msg)
 	}
+	if err := requirePath(data, "socket"); err != nil {
+		return nil, err
+	}
 	if c.Socket != "" && !strings.HasPrefix(c.Socket, "@") && !filepath.IsAbs(c.Socket) {
 		c.Socket = filepath.Join(dir, c.Socket)
 	}
@@ -174,6 +210,14 @@ func (c *Config) Validate() error {
 		return errors.New("socket: missing; set the absolute path of the Unix socket, e.g. /run/kms-plugin/kms.sock")
 	case strings.HasPrefix(c.Socket, "@"):
 		return fmt.Errorf("socket %q: abstract sockets have no file permissions and are refused; use a filesystem path", c.Socket)
+	case len(c.Socket) > MaxSocketPath:
+		return fmt.Errorf("socket %q: %d bytes, over the %d-byte limit of a Unix socket path (sun_path is 108 bytes with the final NUL); choose a shorter path", c.Socket, len(c.Socket), MaxSocketPath)
+	}
+	if err := validGroup(c.SocketGroup); err != nil {
+		return err
+	}
+	if err := c.AllowedPeers.validate(); err != nil {
+		return err
 	}
 	if c.Health != "" {
 		host, _, err := net.SplitHostPort(c.Health)
@@ -228,5 +272,76 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 		return fmt.Errorf("duration %s: want a value such as 10s or 1m", b)
 	}
 	*d = Duration(v)
+	return nil
+}
+
+// requirePath refuses a YAML number or boolean in a path field.
+// sigs.k8s.io/yaml turns `socket: 123` into the string "123" for a string
+// field, which would then resolve as a relative path and be served
+// without a word.
+func requirePath(data []byte, field string) error {
+	var raw map[string]any
+	if err := yaml.Unmarshal(data, &raw); err != nil {
+		return nil // the strict decode accepted it; nothing more to say
+	}
+	kind := ""
+	switch raw[field].(type) {
+	case nil, string:
+		return nil
+	case bool:
+		kind = "YAML boolean"
+	case float64, int64, int:
+		kind = "YAML number"
+	default:
+		kind = "YAML list or map"
+	}
+	return fmt.Errorf("%s: %v is a %s, not a path; write the absolute path of the Unix socket, e.g. %s: /run/kms-plugin/kms.sock", field, raw[field], kind, field)
+}
+
+// groupName is what a group name may look like (as useradd allows).
+var groupName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]*\$?$`)
+
+// validGroup checks socketGroup's form: a gid in range, or a plausible
+// name. Whether the name exists is checked where the socket is made, as
+// kmsctl reads this file on machines without that group.
+func validGroup(g string) error {
+	if g == "" {
+		return nil
+	}
+	if n, err := strconv.ParseInt(g, 10, 64); err == nil || isNumeric(g) {
+		if err != nil || n < 0 || n > MaxID {
+			return fmt.Errorf("socketGroup %q: want a group name or a gid from 0 to %d", g, int64(MaxID))
+		}
+		return nil
+	}
+	if !groupName.MatchString(g) {
+		return fmt.Errorf("socketGroup %q: not a group name or gid; want a name such as kms or a gid from 0 to %d", g, int64(MaxID))
+	}
+	return nil
+}
+
+// isNumeric reports whether s is an optionally signed run of digits.
+func isNumeric(s string) bool {
+	s = strings.TrimPrefix(s, "-")
+	return s != "" && strings.Trim(s, "0123456789") == ""
+}
+
+// validate checks allowedPeers: unset is fine; set, it must list an id
+// (an empty rule would refuse every connection, the apiserver's too), and
+// every id must be in range.
+func (p *Peers) validate() error {
+	if p == nil {
+		return nil
+	}
+	if len(p.UIDs) == 0 && len(p.GIDs) == 0 {
+		return errors.New("allowedPeers: lists no uid or gid, which would refuse every connection; list the apiserver's uid (uids: [0] when it runs as root) or remove allowedPeers")
+	}
+	for field, ids := range map[string][]int64{"uids": p.UIDs, "gids": p.GIDs} {
+		for i, id := range ids {
+			if id < 0 || id > MaxID {
+				return fmt.Errorf("allowedPeers.%s[%d] %d: want an id from 0 to %d", field, i, id, int64(MaxID))
+			}
+		}
+	}
 	return nil
 }

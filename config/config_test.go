@@ -49,6 +49,43 @@ func TestParse(t *testing.T) {
 				}
 			},
 		},
+		{
+			name: "socket of exactly 107 bytes",
+			yaml: "socket: /" + strings.Repeat("s", 106) + "\nprovider: {file: {path: /k}}\n",
+			check: func(t *testing.T, c *Config) {
+				if got, want := len(c.Socket), 107; got != want {
+					t.Errorf("len(socket) = %d, want %d", got, want)
+				}
+			},
+		},
+		{
+			name: "numeric socketGroup as a YAML number",
+			yaml: "socket: /s\nsocketGroup: 1000\nprovider: {file: {path: /k}}\n",
+			check: func(t *testing.T, c *Config) {
+				if got, want := c.SocketGroup, "1000"; got != want {
+					t.Errorf("socketGroup = %q, want %q", got, want)
+				}
+			},
+		},
+		{
+			name: "allowedPeers",
+			yaml: "socket: /s\nallowedPeers:\n  uids: [0]\n  gids: [1001, 4294967294]\nprovider: {file: {path: /k}}\n",
+			check: func(t *testing.T, c *Config) {
+				p := c.AllowedPeers
+				if p == nil || len(p.UIDs) != 1 || p.UIDs[0] != 0 || len(p.GIDs) != 2 || p.GIDs[1] != MaxID {
+					t.Errorf("allowedPeers = %+v, want uids [0], gids [1001 4294967294]", p)
+				}
+			},
+		},
+		{
+			name: "no allowedPeers",
+			yaml: "socket: /s\nprovider: {file: {path: /k}}\n",
+			check: func(t *testing.T, c *Config) {
+				if c.AllowedPeers != nil {
+					t.Errorf("allowedPeers = %+v, want unset", c.AllowedPeers)
+				}
+			},
+		},
 		{name: "unknown field is named", yaml: "socket: /s\nsokcet: /x\nprovider: {file: {path: /k}}\n", wantErr: `unknown field "sokcet"`},
 		{name: "unknown provider field is named", yaml: "socket: /s\nprovider: {file: {path: /k, pth: x}}\n", wantErr: `unknown field "pth"`},
 		{name: "malformed yaml", yaml: "socket: [\n", wantErr: "yaml"},
@@ -60,6 +97,19 @@ func TestParse(t *testing.T) {
 		{name: "bad duration", yaml: "socket: /s\ncheckInterval: soon\nprovider: {file: {path: /k}}\n", wantErr: "duration"},
 		{name: "tiny interval", yaml: "socket: /s\nrefreshInterval: 1ms\nprovider: {file: {path: /k}}\n", wantErr: "refreshInterval"},
 		{name: "bad log level", yaml: "socket: /s\nlog: {level: loud}\nprovider: {file: {path: /k}}\n", wantErr: "log.level"},
+		{name: "socket as a YAML number", yaml: "socket: 123\nprovider: {file: {path: /k}}\n", wantErr: "socket: 123 is a YAML number"},
+		{name: "socket as a YAML boolean", yaml: "socket: true\nprovider: {file: {path: /k}}\n", wantErr: "socket: true is a YAML boolean"},
+		{name: "socket over the sun_path limit", yaml: "socket: /" + strings.Repeat("s", 107) + "\nprovider: {file: {path: /k}}\n", wantErr: "107-byte limit"},
+		{name: "relative socket resolved over the limit", yaml: "socket: " + strings.Repeat("s", 95) + "\nprovider: {file: {path: /k}}\n", wantErr: "107-byte limit"},
+		{name: "socketGroup -1", yaml: "socket: /s\nsocketGroup: \"-1\"\nprovider: {file: {path: /k}}\n", wantErr: "gid from 0 to 4294967294"},
+		{name: "socketGroup -1 as a YAML number", yaml: "socket: /s\nsocketGroup: -1\nprovider: {file: {path: /k}}\n", wantErr: "gid from 0 to 4294967294"},
+		{name: "socketGroup out of range", yaml: "socket: /s\nsocketGroup: 4294967295\nprovider: {file: {path: /k}}\n", wantErr: "gid from 0 to 4294967294"},
+		{name: "allowedPeers empty", yaml: "socket: /s\nallowedPeers: {}\nprovider: {file: {path: /k}}\n", wantErr: "allowedPeers: lists no uid or gid"},
+		{name: "allowedPeers negative uid", yaml: "socket: /s\nallowedPeers: {uids: [0, -1]}\nprovider: {file: {path: /k}}\n", wantErr: "allowedPeers.uids[1] -1: want an id from 0 to 4294967294"},
+		{name: "allowedPeers gid out of range", yaml: "socket: /s\nallowedPeers: {gids: [4294967295]}\nprovider: {file: {path: /k}}\n", wantErr: "allowedPeers.gids[0]"},
+		{name: "allowedPeers unknown field", yaml: "socket: /s\nallowedPeers: {users: [0]}\nprovider: {file: {path: /k}}\n", wantErr: `unknown field "users"`},
+		{name: "socketGroup with a space", yaml: "socket: /s\nsocketGroup: kms admins\nprovider: {file: {path: /k}}\n", wantErr: "not a group name or gid"},
+		{name: "socketGroup empty name", yaml: "socket: /s\nsocketGroup: \" \"\nprovider: {file: {path: /k}}\n", wantErr: "socketGroup"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -98,6 +148,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("socket: /s\nprovider: {file: {path: k}}\n"))
 	f.Add([]byte("socket: '@x'\n"))
 	f.Add([]byte("{"))
+	f.Add([]byte("socket: 123\nsocketGroup: \"-1\"\nallowedPeers: {uids: [0], gids: [65534]}\nprovider: {file: {path: k}}\n"))
 	f.Add([]byte("socket: /s\nproviders: [{file: {path: a}}, {name: x, keyState: shared, hsm: {path: b}}]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := Parse(data, "/etc", testKinds)

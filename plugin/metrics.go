@@ -19,6 +19,8 @@ type Metrics struct {
 	providerHealthy *prometheus.GaugeVec
 	logsDropped     *prometheus.CounterVec
 	healthBindErrs  prometheus.Counter
+	socketLost      prometheus.Counter
+	peersRefused    prometheus.Counter
 
 	mu             sync.Mutex
 	currentPrimary string
@@ -69,12 +71,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kms_plugin_health_bind_errors_total",
 			Help: "Failed attempts to bind the health address; the socket is served regardless, and the bind is retried.",
 		}),
+		socketLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kms_plugin_socket_lost_total",
+			Help: "Times the socket path was found deleted or replaced by another file; the plugin binds it again, or exits when another process holds it.",
+		}),
+		peersRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kms_plugin_peers_refused_total",
+			Help: "Connections to the socket closed because the peer's uid and gid are not in allowedPeers (or could not be read).",
+		}),
 	}
 	// Present from the start, so an alert on its rate has a series.
 	m.logsDropped.WithLabelValues(reasonRateLimited)
 	if reg != nil {
 		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy,
-			m.logsDropped, m.healthBindErrs)
+			m.logsDropped, m.healthBindErrs, m.socketLost, m.peersRefused)
 	}
 	return m
 }

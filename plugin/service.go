@@ -45,6 +45,10 @@ type Options struct {
 	MaxStaleness time.Duration
 	// CheckTimeout bounds one background check (default 5 s).
 	CheckTimeout time.Duration
+	// Socket, when set, is checked every CheckInterval (see Socket.Check)
+	// before the providers; while it is not served at its path, health is
+	// unhealthy whatever the providers say.
+	Socket *Socket
 }
 
 // Service implements the KMS v2 KeyManagementService over a provider. It is
@@ -58,6 +62,8 @@ type Service struct {
 	m    *Metrics
 	// health holds each entry's last check, in entry order.
 	health []atomic.Pointer[healthState]
+	// socketProblem is why the last socket check failed ("" when it passed).
+	socketProblem atomic.Pointer[string]
 	// lastKeyID is the key_id last reported, to log changes once.
 	lastKeyID atomic.Pointer[string]
 	// clientLogs and failureLogs bound request log lines: those about
@@ -134,7 +140,13 @@ func (s *Service) Status(ctx context.Context, _ *kmsapi.StatusRequest) (*kmsapi.
 // would take every apiserver out of service for an outage that only fails
 // reads of objects still under the old provider. Those show in the
 // plugin's /healthz?verbose, its metrics and its logs.
+//
+// A socket not served at its path is unhealthy too: new connections,
+// the apiserver's included after a restart, cannot reach the plugin.
 func (s *Service) healthz(now time.Time) string {
+	if p := s.socketProblem.Load(); p != nil && *p != "" {
+		return "unhealthy: " + *p
+	}
 	return s.entryHealth(0, now)
 }
 
@@ -262,9 +274,11 @@ func (s *Service) noteKeyID(id string) {
 	}
 }
 
-// Check runs every entry's check (and key state refresh) now, side by
-// side, and records the results for Status.
+// Check checks the socket (see Options.Socket), then runs every entry's
+// check (and key state refresh) now, side by side, and records the
+// results for Status.
 func (s *Service) Check(ctx context.Context) {
+	s.checkSocket()
 	var wg sync.WaitGroup
 	for i := range s.opts.Entries {
 		wg.Go(func() { s.checkEntry(ctx, i) })
@@ -275,6 +289,19 @@ func (s *Service) Check(ctx context.Context) {
 	if id, err := s.p.PrimaryKeyID(ctx); err == nil {
 		s.noteKeyID(id)
 	}
+}
+
+// checkSocket runs the socket's check first, so a lost socket shows in
+// health within one check interval even while a provider check hangs.
+func (s *Service) checkSocket() {
+	if s.opts.Socket == nil {
+		return
+	}
+	problem := ""
+	if err := s.opts.Socket.Check(); err != nil {
+		problem = err.Error()
+	}
+	s.socketProblem.Store(&problem)
 }
 
 // checkEntry checks entry i and logs a change of its health once.

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -65,6 +66,13 @@ func TestListenRefusals(t *testing.T) {
 	if err := os.WriteFile(regular, []byte("keep me"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	open := filepath.Join(dir, "open")
+	if err := os.Mkdir(open, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil { // exact, whatever the umask
+		t.Fatal(err)
+	}
 	live := filepath.Join(dir, "live.sock")
 	ll, err := net.Listen("unix", live)
 	if err != nil {
@@ -83,6 +91,12 @@ func TestListenRefusals(t *testing.T) {
 		{"live socket", live, "", "already served by another process"},
 		{"folder cannot be created", filepath.Join(regular, "sub", "kms.sock"), "", "socket folder"},
 		{"unknown group", filepath.Join(dir, "g.sock"), "no-such-group-kms", "no such group"},
+		{"group -1", filepath.Join(dir, "g.sock"), "-1", "gid from 0 to 4294967294"},
+		{"negative gid", filepath.Join(dir, "g.sock"), "-2", "gid from 0 to 4294967294"},
+		{"gid out of range", filepath.Join(dir, "g.sock"), "4294967295", "gid from 0 to 4294967294"},
+		{"path over sun_path", "/" + strings.Repeat("s", 107), "", "107-byte limit"},
+		{"world-writable folder", filepath.Join(open, "kms.sock"), "", "chmod o-w " + open},
+		{"world-writable folder above", filepath.Join(open, "sub", "kms.sock"), "", "chmod o-w " + open},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -95,6 +109,9 @@ func TestListenRefusals(t *testing.T) {
 				t.Fatalf("Listen(%q) = %v, want an error containing %q", tt.path, err, tt.want)
 			}
 		})
+	}
+	if _, err := os.Lstat(filepath.Join(open, "sub")); !os.IsNotExist(err) {
+		t.Errorf("a refused start left a folder behind: %v", err)
 	}
 	if b, _ := os.ReadFile(regular); string(b) != "keep me" {
 		t.Error("the regular file in the way was changed")
@@ -123,4 +140,61 @@ func TestListenRemovesStaleSocket(t *testing.T) {
 		t.Fatalf("Listen over a stale socket: %v", err)
 	}
 	l.Close()
+}
+
+// TestListenGroupFolder: a folder the plugin creates for socketGroup is
+// owned by that group and 0750, so the group's members can reach the
+// socket (a root-owned 0750 folder stops them at the folder).
+func TestListenGroupFolder(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to give a folder to another group")
+	}
+	base := shortDir(t)
+	dir := filepath.Join(base, "a", "b")
+	sock := filepath.Join(dir, "kms.sock")
+	l, err := Listen(sock, "65534")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for _, d := range []string{filepath.Join(base, "a"), dir} {
+		fi, err := os.Stat(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := fi.Mode().Perm(), os.FileMode(0o750); got != want {
+			t.Errorf("%s: mode %v, want %v", d, got, want)
+		}
+		if got, want := fi.Sys().(*syscall.Stat_t).Gid, uint32(65534); got != want {
+			t.Errorf("%s: group %d, want %d", d, got, want)
+		}
+	}
+}
+
+// TestCloseKeepsAnotherSocket: closing removes the socket file only while
+// it is still the one this listener bound; another instance's socket at
+// the same path stays and keeps answering.
+func TestCloseKeepsAnotherSocket(t *testing.T) {
+	sock := filepath.Join(shortDir(t), "kms.sock")
+	l, err := Listen(sock, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(sock); err != nil {
+		t.Fatal(err)
+	}
+	other, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	l.Close()
+	if _, err := os.Lstat(sock); err != nil {
+		t.Fatalf("closing removed the other instance's socket: %v", err)
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("the other instance's socket stopped answering: %v", err)
+	}
+	c.Close()
 }

@@ -94,28 +94,42 @@ func serve(ctx context.Context, cfg *config.Config) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := plugin.NewMetrics(reg)
+	sock, err := plugin.NewSocket(plugin.SocketConfig{
+		Path:    cfg.Socket,
+		Group:   cfg.SocketGroup,
+		Peers:   allowedPeers(cfg.AllowedPeers),
+		Logger:  log,
+		Metrics: metrics,
+	})
+	if err != nil {
+		return err
+	}
+	// Removes the socket only while it is still this plugin's (and is a
+	// no-op after the gRPC server closed it).
+	defer sock.Close()
 	svc, err := plugin.New(plugin.Options{
 		Entries:         prov.Entries(),
 		Logger:          log,
-		Metrics:         plugin.NewMetrics(reg),
+		Metrics:         metrics,
 		CheckInterval:   time.Duration(cfg.CheckInterval),
 		RefreshInterval: time.Duration(cfg.RefreshInterval),
 		MaxStaleness:    time.Duration(cfg.MaxStaleness),
+		Socket:          sock,
 	})
 	if err != nil {
 		return err
 	}
 
-	sock, err := plugin.Listen(cfg.Socket, cfg.SocketGroup)
-	if err != nil {
-		return err
-	}
 	// The check runs before the first request so Status is truthful at once.
 	svc.Check(ctx)
 	bg, cancelBG := context.WithCancel(ctx)
 	defer cancelBG()
 	go svc.Run(bg)
 
+	if cfg.AllowedPeers != nil {
+		log.Info("socket serves only allowed peers", "uids", cfg.AllowedPeers.UIDs, "gids", cfg.AllowedPeers.GIDs)
+	}
 	if cfg.Health != "" {
 		// Optional: a port it cannot bind is logged and retried, never a
 		// reason not to serve the socket.
@@ -131,6 +145,10 @@ func serve(ctx context.Context, cfg *config.Config) error {
 
 	select {
 	case err := <-served:
+		gs.Stop()
+		if errors.Is(err, plugin.ErrSocketTaken) {
+			return err // names the path and what took it
+		}
 		return fmt.Errorf("grpc server stopped: %w", err)
 	case <-ctx.Done():
 	}
@@ -142,7 +160,24 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	case <-time.After(5 * time.Second):
 		gs.Stop()
 	}
-	// GracefulStop closed the listener, which removes the socket file.
+	// GracefulStop closed the listener, which removed the socket file if
+	// it was still this plugin's.
 	log.Info("stopped")
 	return nil
+}
+
+// allowedPeers converts the config's peer rule; config.Validate has
+// checked every id is in range.
+func allowedPeers(p *config.Peers) plugin.Peers {
+	if p == nil {
+		return plugin.Peers{}
+	}
+	var out plugin.Peers
+	for _, id := range p.UIDs {
+		out.UIDs = append(out.UIDs, uint32(id))
+	}
+	for _, id := range p.GIDs {
+		out.GIDs = append(out.GIDs, uint32(id))
+	}
+	return out
 }
