@@ -736,7 +736,7 @@ func (f *faultEnv) runDuringRotate(ctx context.Context, t *testing.T, ft fault) 
 	old := mustPrimary(t, f.c)
 	w := f.startWriters(ctx)
 	time.Sleep(time.Second)
-	updates := f.kv.e.Counts().Update
+	before := f.kv.e.Counts()
 	done := make(chan kmsctlRun, 1)
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
@@ -744,15 +744,25 @@ func (f *faultEnv) runDuringRotate(ctx context.Context, t *testing.T, ft fault) 
 		done <- runKmsctl(rctx, t, f.c, perNodeRotateArgs(f.c, "--force", "--retire", "--resources", "secrets,configmaps",
 			"--confirm-timeout", faultConfirmTimeout)...)
 	}()
+	// The promote is the first vault write after the new version's
+	// create (the create itself may tag the old primary first).
 	pollCtx, pcancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer pcancel()
-	err := harness.Poll(pollCtx, 10*time.Millisecond, func() error {
+	updatesAtCreate := int64(-1)
+	err := harness.Poll(pollCtx, 5*time.Millisecond, func() error {
 		select {
 		case r := <-done:
 			return harness.StopPolling(fmt.Errorf("kmsctl rotate ended (exit %d) before the promote\n%s", r.code, r.stderr))
 		default:
 		}
-		if f.kv.e.Counts().Update == updates {
+		now := f.kv.e.Counts()
+		switch {
+		case now.Create == before.Create:
+			return errors.New("no new version yet")
+		case updatesAtCreate < 0:
+			updatesAtCreate = now.Update
+			return errors.New("no promote yet")
+		case now.Update == updatesAtCreate:
 			return errors.New("no promote yet")
 		}
 		return nil
