@@ -49,7 +49,10 @@ const (
 	faultThrottleRetryAfter = 2 * time.Second
 	// faultConfirmTimeout bounds kmsctl rotate's wait for the apiserver to
 	// switch when a fault keeps it from switching.
-	faultConfirmTimeout = "30s"
+	// 20 s: a SIGKILLed plugin stays down until the run gives up, and
+	// the apiserver's gRPC reconnect back-off (1 s x1.6, up to 120 s)
+	// grows with that downtime.
+	faultConfirmTimeout = "20s"
 	// Objects the faults run over: small, the faults are about time.
 	faultSecrets, faultConfigMaps = 100, 20
 )
@@ -1074,5 +1077,5 @@ func TestFaultsDiskFull(t *testing.T) {
 	if got, err := served(); err != nil || got != old {
 		t.Errorf("plugin after the create: key_id %q (err %v), want %q (a created key is not primary)", got, err, old)
 	}
-	t.Logf("fault-table | disk full writing the keyset (file provider, kmsctl keys create) | stays healthy | n/a (plugin untouched) | until space freed | - | - | 0 / 1 keyset | 0 / 1 keyset | create: exit %d, one line; after freeing: exit 0 |", fullExit)
+	t.Logf("fault-table | disk full writing the keyset (file provider, kmsctl keys create) | stayed healthy | n/a (no apiserver; the plugin is untouched) | until space freed | - / - | - | 0 / 1 keyset | 0 / 1 keyset | create: exit %d, one line; after freeing: exit 0 |", fullExit)
 }
