@@ -24,7 +24,10 @@ import (
 
 // Defaults for optional fields.
 const (
-	DefaultCheckInterval   = 10 * time.Second
+	// DefaultCheckInterval is 5 s so an outage shows on the plugin's
+	// /readyz (and in Status) within 10 s even when the failing check
+	// itself runs into its 5 s timeout: interval + check timeout.
+	DefaultCheckInterval   = 5 * time.Second
 	DefaultRefreshInterval = 5 * time.Second
 	DefaultMaxStaleness    = 30 * time.Second
 )

@@ -97,7 +97,7 @@ func New(opts Options) (*Service, error) {
 		opts.Metrics = NewMetrics(nil)
 	}
 	if opts.CheckInterval <= 0 {
-		opts.CheckInterval = 10 * time.Second
+		opts.CheckInterval = 5 * time.Second
 	}
 	if opts.RefreshInterval <= 0 {
 		opts.RefreshInterval = 5 * time.Second

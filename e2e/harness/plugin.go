@@ -3,9 +3,11 @@ package harness
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"sigs.k8s.io/yaml"
@@ -189,6 +191,34 @@ func (p *Plugin) Restart(ctx context.Context) error {
 	}
 	return p.Start(ctx)
 }
+
+// Kill ends the plugin with SIGKILL and waits until it is gone. Its socket
+// file stays behind, as after a crash; Start serves again.
+func (p *Plugin) Kill() error { return p.proc.kill() }
+
+// Readyz asks the plugin's /readyz once, bounded by ctx and 2 s, and
+// returns the status code and the first line of the answer; a plugin that
+// does not answer at all is an error.
+func (p *Plugin) Readyz(ctx context.Context) (int, string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.HealthURL+"/readyz", nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := healthClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
+	line, _, _ := strings.Cut(strings.TrimSpace(string(body)), "\n")
+	return resp.StatusCode, line, err
+}
+
+// healthClient asks plugins' health endpoints without keeping connections
+// open across a plugin restart.
+var healthClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 
 // Running reports whether the plugin process is alive.
 func (p *Plugin) Running() bool { return p.proc.running() }

@@ -120,6 +120,28 @@ func (p *process) stop() error {
 	return nil
 }
 
+// kill sends SIGKILL and waits for the process to exit, as the OOM killer
+// or a node failure would end it: no shutdown code runs, so its socket
+// file stays behind. It is an error if the process was not running.
+func (p *process) kill() error {
+	p.mu.Lock()
+	cmd, done := p.cmd, p.done
+	p.cmd = nil
+	p.mu.Unlock()
+	if cmd == nil {
+		return fmt.Errorf("%s: not running", p.name)
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		return fmt.Errorf("%s: SIGKILL: %w", p.name, err)
+	}
+	select {
+	case <-done:
+		return nil
+	case <-time.After(stopGrace):
+		return fmt.Errorf("%s: still running %s after SIGKILL", p.name, stopGrace)
+	}
+}
+
 // tail returns the last n lines of the process's log.
 func (p *process) tail(n int) string {
 	return tailFile(p.logPath, n)

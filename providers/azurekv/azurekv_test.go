@@ -449,6 +449,26 @@ func TestShortThrottleIsRetried(t *testing.T) {
 	}
 }
 
+// A vault that answers slowly but within the apiserver's 3 s deadline is
+// healthy: no single try is cut short before the caller's own deadline.
+func TestSlowVaultStaysHealthy(t *testing.T) {
+	e := startEmulator(t, emulator.Options{})
+	p := newProvider(t, e, testConfig(t, e))
+	e.SetLatency(2900 * time.Millisecond)
+	defer e.SetLatency(0)
+	// The plugin's check and refresh run under a 5 s timeout.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.Check(ctx); err != nil {
+		t.Fatalf("Check against a vault answering in 2.9 s: %v", err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.Refresh(ctx); err != nil {
+		t.Fatalf("Refresh against a vault answering in 2.9 s: %v", err)
+	}
+}
+
 // During an outage Check fails and cached unwraps are still served.
 func TestOutage(t *testing.T) {
 	for _, tc := range []struct {

@@ -19,15 +19,24 @@ import (
 	"github.com/kms-v2/kms-plugin/providers/secretfile"
 )
 
-// retryOptions fit every Key Vault call, retries included, inside the
-// apiserver's 3 s KMS deadline: at most two retries, short backoff, and a
-// Retry-After longer than a second is not waited out (the call fails with
-// ErrUnavailable and the circuit breaker keeps later calls away for that
-// long). azcore honours Retry-After (and retry-after-ms) up to
-// MaxRetryDelay and stops as soon as the caller's context ends.
+// retryOptions keep every Key Vault call inside its caller's deadline (the
+// apiserver's 3 s for Encrypt and Decrypt, 5 s for the plugin's checks and
+// refreshes): at most two retries, short backoff, and a Retry-After longer
+// than a second is not waited out (the call fails with ErrUnavailable and
+// the circuit breaker keeps later calls away for that long). azcore honours
+// Retry-After (and retry-after-ms) up to MaxRetryDelay and stops as soon as
+// the caller's context ends.
+//
+// TryTimeout is longer than the apiserver's 3 s on purpose: a vault that
+// answers in, say, 2.9 s is slow but working, and cutting each try at a
+// fraction of the deadline turned every such call and every health check
+// into a failure (measured: 2.9 s of latency made the plugin unhealthy with
+// a 1.5 s try timeout). Fast failures (503, 429, a reset connection) are
+// still retried inside the deadline; the try timeout only bounds a hung
+// try for callers without a deadline of their own (kmsctl).
 var retryOptions = policy.RetryOptions{
 	MaxRetries:    2,
-	TryTimeout:    1500 * time.Millisecond,
+	TryTimeout:    4 * time.Second,
 	RetryDelay:    100 * time.Millisecond,
 	MaxRetryDelay: time.Second,
 }

@@ -128,6 +128,7 @@ type Emulator struct {
 
 	latency    atomic.Int64 // time.Duration
 	outage     atomic.Int32
+	revoked    atomic.Bool
 	throttleN  atomic.Int64 // >0: that many more; <0: until cleared
 	throttleRA atomic.Int64 // time.Duration
 
@@ -247,6 +248,13 @@ func (e *Emulator) Throttle(n int, retryAfter time.Duration) {
 	e.throttleRA.Store(int64(retryAfter))
 	e.throttleN.Store(int64(n))
 }
+
+// SetAccessRevoked, while true, answers every authenticated Key Vault
+// request with 403 Forbidden (inner code ForbiddenByRbac), as the service
+// does once the caller's role assignment or access policy is removed: the
+// token stays valid, the identity is no longer allowed. False restores
+// access; tokens issued meanwhile keep working.
+func (e *Emulator) SetAccessRevoked(revoked bool) { e.revoked.Store(revoked) }
 
 // SetOutage switches the Key Vault endpoints into an outage mode. The token
 // endpoints keep working: an Entra outage is a different failure.

@@ -95,6 +95,31 @@ func TestWire(t *testing.T) {
 				t.Fatalf("got %d, want 503", resp.StatusCode)
 			}
 		}},
+		{"AccessRevokedThenRestored", func(t *testing.T) {
+			_, tok := token("s")
+			e.SetAccessRevoked(true)
+			defer e.SetAccessRevoked(false)
+			resp := do("GET", "keys/none?api-version=7.5", tok, nil, false)
+			var out struct {
+				Error struct {
+					Code       string
+					InnerError struct{ Code string }
+				}
+			}
+			_ = json.NewDecoder(resp.Body).Decode(&out)
+			if resp.StatusCode != http.StatusForbidden || out.Error.Code != "Forbidden" || out.Error.InnerError.Code != "ForbiddenByRbac" {
+				t.Fatalf("revoked: got %d %+v, want 403 Forbidden/ForbiddenByRbac", resp.StatusCode, out)
+			}
+			// The challenge still comes first: revocation is about the
+			// identity, not the token.
+			if resp := do("GET", "keys/none?api-version=7.5", "", nil, false); resp.StatusCode != http.StatusUnauthorized {
+				t.Fatalf("revoked, no token: got %d, want 401", resp.StatusCode)
+			}
+			e.SetAccessRevoked(false)
+			if resp := do("GET", "keys/none?api-version=7.5", tok, nil, false); resp.StatusCode != http.StatusNotFound {
+				t.Fatalf("restored, same token: got %d, want 404", resp.StatusCode)
+			}
+		}},
 		{"RotateKeepsTypeDropsTags", func(t *testing.T) {
 			if _, err := e.CreateKey("hsm", KeyOptions{Kty: "RSA-HSM", Tags: map[string]string{"a": "b"}}); err != nil {
 				t.Fatal(err)

@@ -150,6 +150,10 @@ func (e *Emulator) serveVault(w http.ResponseWriter, r *http.Request, p []string
 		writeError(w, http.StatusUnauthorized, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.", "")
 		return
 	}
+	if e.revoked.Load() {
+		writeError(w, http.StatusForbidden, "Forbidden", "Caller is not authorized to perform action on resource. (access revoked in the emulator)", "ForbiddenByRbac")
+		return
+	}
 	if r.URL.Query().Get("api-version") == "" {
 		writeError(w, http.StatusBadRequest, "BadParameter", "The 'api-version' query parameter is missing.", "")
 		return
