@@ -189,7 +189,7 @@ func TestDropinExposure(t *testing.T) {
 			names = append(names, e.Name())
 		}
 	}
-	for _, want := range []string{"tpm.conf", "pkcs11-module.conf", "local-only.conf"} {
+	for _, want := range []string{"tpm.conf", "pkcs11-module.conf", "local-only.conf", "socket-group.conf"} {
 		if !contains(names, want) {
 			t.Errorf("%s/%s is missing (docs/systemd.md describes it)", dropinDir, want)
 		}
