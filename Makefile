@@ -21,7 +21,8 @@ build:
 ## test: every test, with the tools it needs installed first.
 test: deps check unit e2e
 
-## deps: SoftHSM2, and a software TPM exposed as a PKCS#11 token, for the PKCS#11 tests
+## deps: SoftHSM2, and a software TPM exposed as a PKCS#11 token, for the PKCS#11 tests, and
+## systemd-analyze (package systemd) for the systemd unit's test in manifests/
 ## (apt-get when root and missing; one update, one install of whatever is missing).
 TPM_PKGS = swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus
 deps:
@@ -31,9 +32,10 @@ deps:
 	ls /usr/lib/*/pkcs11/libtpm2_pkcs11.so /usr/lib64/pkcs11/libtpm2_pkcs11.so /usr/lib/pkcs11/libtpm2_pkcs11.so 2>/dev/null | grep -q . || tpm=; \
 	ls /usr/lib/*/libtss2-tcti-tabrmd.so.0 /usr/lib64/libtss2-tcti-tabrmd.so.0 /usr/lib/libtss2-tcti-tabrmd.so.0 2>/dev/null | grep -q . || tpm=; \
 	[ -n "$$tpm" ] || missing="$$missing $(TPM_PKGS)"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	missing="$${missing# }"; [ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing $$missing (PKCS#11 tests use SoftHSM2 and a software TPM as tokens)"; \
+	  echo "installing $$missing (PKCS#11 tests use SoftHSM2 and a software TPM as tokens; the unit test uses systemd-analyze)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
 	  echo "missing test dependencies: install them (Debian/Ubuntu: sudo apt-get install -y $$missing) and rerun" >&2; exit 1; \
