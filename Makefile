@@ -1,6 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   runs a real local control plane (etcd + kube-apiserver) using the plugin
 #   make test   installs what the tests need and runs every test (unit, fuzz seeds, e2e)
+# and `make ci` (what .ci/run runs) adds module verification, lint, the
+# vulnerability scan and a short fuzz of every target first (docs/ci.md).
 
 GO        ?= go
 BIN       ?= bin
