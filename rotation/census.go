@@ -257,7 +257,7 @@ func scanResource(ctx context.Context, e Etcd, r Resource, pageSize int64, fn fu
 	return etcdlayout.Scan(ctx, e.Store, e.Layout.ResourcePrefix(r.Path), pageSize, func(kv etcdlayout.KeyValue) error {
 		key, err := e.Layout.ParseKey(kv.Key, r.Path)
 		if err != nil {
-			return nil
+			return nil //nolint:nilerr // not an object of r: skipped, as documented
 		}
 		return fn(kv, key, etcdlayout.Decode(kv.Value))
 	})

@@ -34,11 +34,18 @@ func ParseResource(s string) (Resource, error) {
 		return Resource{Name: s, GVR: schema.GroupVersionResource{Version: "v1", Resource: s}, Path: s}, nil
 	}
 	parts := strings.SplitN(s, ".", 3)
-	if len(parts) != 3 || parts[0] == "" || parts[1] == "" || parts[2] == "" {
+	if len(parts) != 3 || !resourcePart(parts[0]) || !resourcePart(parts[1]) || !resourcePart(parts[2]) {
 		return Resource{}, fmt.Errorf("resource %q: want secrets, configmaps or <resource>.<version>.<group> (a custom resource)", s)
 	}
 	gvr := schema.GroupVersionResource{Group: parts[2], Version: parts[1], Resource: parts[0]}
 	return Resource{Name: s, GVR: gvr, Path: gvr.Group + "/" + gvr.Resource}, nil
+}
+
+// resourcePart reports whether s can be one part of a custom resource's
+// name: non-empty, and without a "/" (which would move the resource's etcd
+// path to another shape) or a space or control character.
+func resourcePart(s string) bool {
+	return s != "" && !strings.ContainsFunc(s, func(r rune) bool { return r == '/' || r <= ' ' || r == 0x7f })
 }
 
 // ParseResources parses a list of resource names, refusing duplicates.

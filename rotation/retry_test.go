@@ -123,7 +123,7 @@ func TestRetry(t *testing.T) {
 						t.Errorf("retry = %v, want nil", err)
 					}
 				} else {
-					if err != last {
+					if err != last { //nolint:errorlint // retry must return op's error itself, unwrapped
 						t.Errorf("retry = %v, want op's last error %v", err, last)
 					}
 					if !tt.wantErr(err) {

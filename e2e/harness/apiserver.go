@@ -89,6 +89,8 @@ func (c *Cluster) newAPIServer(i int) (*APIServer, error) {
 		// turn seconds into minutes.
 		QPS:   500,
 		Burst: 1000,
+		// Registers the values of the Secrets and ConfigMaps tests write.
+		WrapTransport: wrapCanary,
 	}
 	if a.Client, err = kubernetes.NewForConfig(a.RESTConfig); err != nil {
 		return nil, err

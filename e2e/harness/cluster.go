@@ -184,6 +184,7 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 		}
 		return os.RemoveAll(dir)
 	})
+	c.onClose(c.checkLeaks) // after every process stopped, before the folder goes
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("%w\n%s", err, c.LogTails(30))
@@ -253,6 +254,7 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 		return nil, err
 	}
 	logf("harness: control plane ready in %s (folder %s)", time.Since(start).Round(100*time.Millisecond), dir)
+	c.onClose(c.saveMetrics) // first, while everything still runs
 	return c, nil
 }
 

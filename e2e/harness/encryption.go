@@ -112,6 +112,7 @@ func (c *Cluster) aescbcSecret(name string) (string, error) {
 	if c.secrets == nil {
 		c.secrets = map[string]string{}
 	}
+	canary.Register("aescbc key "+name, key)
 	c.secrets[name] = base64.StdEncoding.EncodeToString(key)
 	return c.secrets[name], nil
 }

@@ -37,7 +37,9 @@ func (c *Cluster) KmsctlContext(ctx context.Context, args ...string) (string, er
 	cmd.Env = append(os.Environ(), c.opts.Env...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
+	err := cmd.Run()
+	c.kmsctlLog(args, stdout.Bytes(), stderr.Bytes())
+	if err != nil {
 		return stdout.String(), fmt.Errorf("kmsctl %s: %w\nstderr: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.String(), nil

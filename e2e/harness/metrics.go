@@ -114,6 +114,7 @@ func scrape(ctx context.Context, client *http.Client, url, token string) (Metric
 	if err != nil {
 		return nil, fmt.Errorf("scrape %s: %w", url, err)
 	}
+	canaryScan("metrics "+url, body)
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("scrape %s: %s: %s", url, resp.Status, strings.TrimSpace(string(body)))
 	}

@@ -92,7 +92,7 @@ func Init(ctx context.Context, cfg Config, logger hclog.Logger) (providers.KeyVe
 	case !errors.Is(err, providers.ErrKeyNotFound):
 		return providers.KeyVersion{}, err
 	}
-	kty, size := azkeys.KeyType(cfg.KeyType), int32(cfg.KeySize)
+	kty, size := azkeys.KeyType(cfg.KeyType), int32(cfg.KeySize) //nolint:gosec // G115: Validate allows 0, 2048, 3072 or 4096
 	if kty == "" {
 		kty = DefaultKeyType
 	}

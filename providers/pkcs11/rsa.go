@@ -236,7 +236,7 @@ func (p *Provider) checkKeySize() error {
 	p.tok.mu.Unlock()
 	info, err := p.tok.mod.ctx.GetMechanismInfo(slot, rsaKeyGen)
 	if err != nil || info.MaxKeySize == 0 || int(info.MaxKeySize) >= p.cfg.keySize() {
-		return nil // unknown: let generation decide
+		return nil //nolint:nilerr // unknown: let generation decide
 	}
 	return fmt.Errorf("token %q makes RSA keys of at most %d bits; set pkcs11.keySize: %d: %w", p.cfg.TokenLabel, info.MaxKeySize, info.MaxKeySize, providers.ErrInvalidInput)
 }

@@ -16,8 +16,6 @@ const (
 	KMSv2Prefix = "k8s:enc:kms:v2:"
 	// encPrefix starts every encrypted value: k8s:enc:<kind>:<version>:<name>:.
 	encPrefix = "k8s:enc:"
-	// identityPrefix starts an unencrypted protobuf-serialized object.
-	identityPrefix = "k8s\x00"
 )
 
 // Encoding says how one stored value is protected.
