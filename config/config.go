@@ -285,9 +285,9 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 func requirePath(data []byte, field string) error {
 	var raw map[string]any
 	if err := yaml.Unmarshal(data, &raw); err != nil {
-		return nil // the strict decode accepted it; nothing more to say
+		return nil //nolint:nilerr // the strict decode accepted it; its own errors are reported there
 	}
-	kind := ""
+	var kind string
 	switch raw[field].(type) {
 	case nil, string:
 		return nil

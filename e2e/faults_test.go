@@ -299,7 +299,7 @@ func firstLine(s string) string {
 // time since from. -1 and the last answer when it did not happen.
 func (f *faultEnv) waitPlugin(ctx context.Context, want bool, from time.Time, timeout time.Duration) (time.Duration, string) {
 	deadline := time.Now().Add(timeout)
-	last := ""
+	var last string
 	for {
 		ok, why := f.pluginHealthy(ctx)
 		last = why
@@ -317,7 +317,7 @@ func (f *faultEnv) waitPlugin(ctx context.Context, want bool, from time.Time, ti
 // (each ask makes a Status call once the cached result has expired).
 func (f *faultEnv) waitAPIServer(ctx context.Context, want bool, from time.Time, timeout time.Duration) (time.Duration, string) {
 	deadline := time.Now().Add(timeout)
-	last := ""
+	var last string
 	for {
 		ok, why, err := f.apiserverHealthy(ctx)
 		if err != nil {

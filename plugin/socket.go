@@ -265,7 +265,7 @@ func mkdirGroup(d string, gid int) error {
 	if err := os.Mkdir(d, 0o750); err != nil {
 		return err
 	}
-	err := os.Chmod(d, 0o750)
+	err := os.Chmod(d, 0o750) //nolint:gosec // G302: the group must traverse the socket folder; others get nothing
 	if err == nil && gid >= 0 {
 		err = os.Chown(d, -1, gid)
 	}
@@ -300,7 +300,7 @@ func checkFolders(dir string, isSocketFolder bool) error {
 	if isSocketFolder {
 		what = "socket folder %s"
 	}
-	euid := uint32(os.Geteuid())
+	euid := uint32(os.Geteuid()) //nolint:gosec // G115: a uid is never negative
 	for d := real; ; d = filepath.Dir(d) {
 		fi, err := os.Lstat(d)
 		if err != nil {

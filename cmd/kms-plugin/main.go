@@ -174,10 +174,10 @@ func allowedPeers(p *config.Peers) plugin.Peers {
 	}
 	var out plugin.Peers
 	for _, id := range p.UIDs {
-		out.UIDs = append(out.UIDs, uint32(id))
+		out.UIDs = append(out.UIDs, uint32(id)) //nolint:gosec // G115: config.Validate keeps ids in 0..4294967294
 	}
 	for _, id := range p.GIDs {
-		out.GIDs = append(out.GIDs, uint32(id))
+		out.GIDs = append(out.GIDs, uint32(id)) //nolint:gosec // G115: config.Validate keeps ids in 0..4294967294
 	}
 	return out
 }

@@ -123,8 +123,11 @@ func checkLockFile(f *os.File, name, target string) error {
 		return err
 	}
 	ki, err := os.Stat(target)
-	if err != nil || os.Geteuid() != 0 {
-		return nil
+	if errors.Is(err, fs.ErrNotExist) || os.Geteuid() != 0 {
+		return nil // keys init: the keyset does not exist yet
+	}
+	if err != nil {
+		return fmt.Errorf("keyset %s: %w", target, err)
 	}
 	uid, gid := secretfile.Owner(ki)
 	if lu, lg := secretfile.Owner(fi); lu != uid || lg != gid {
