@@ -37,6 +37,9 @@ func Strict(root *cobra.Command) {
 // UnknownCommand is the error for an unknown subcommand name of cmd.
 func UnknownCommand(cmd *cobra.Command, name string) error {
 	hint := ""
+	if cmd.SuggestionsMinimumDistance <= 0 {
+		cmd.SuggestionsMinimumDistance = 2 // cobra's default, set only on its own path
+	}
 	if s := cmd.SuggestionsFor(name); len(s) > 0 {
 		hint = " (did you mean " + strings.Join(s, " or ") + "?)"
 	}
