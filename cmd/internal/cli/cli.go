@@ -19,6 +19,11 @@ import (
 // and exits 0 for `kmsctl keys nope`, so a typo in a script passes. Without
 // arguments such a command still prints its help.
 func Strict(root *cobra.Command) {
+	if !root.HasParent() {
+		// Cobra adds `completion` (a group too) only when it executes;
+		// add it now so it is strict as well.
+		root.InitDefaultCompletionCmd()
+	}
 	for _, c := range root.Commands() {
 		Strict(c)
 	}

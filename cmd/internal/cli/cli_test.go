@@ -30,6 +30,8 @@ func TestStrict(t *testing.T) {
 		{"unknown under root", []string{"nope"}, `unknown command "nope" for "tool"; see tool --help`},
 		{"unknown under group", []string{"keys", "nope"}, `unknown command "nope" for "tool keys"; see tool keys --help`},
 		{"typo", []string{"keys", "lsit"}, "did you mean list?"},
+		{"unknown under completion", []string{"completion", "nope"}, `unknown command "nope" for "tool completion"`},
+		{"completion still works", []string{"completion", "bash"}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
