@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -105,9 +106,6 @@ checks are the plugin's.`,
 }
 
 func doctor(ctx context.Context, r *report, configPath, encConfig string) {
-	if ctx == nil {
-		ctx = context.Background()
-	}
 	cfg, err := backends.Load(configPath)
 	if err != nil {
 		r.add(levelFail, "config", "%v", err)
@@ -190,9 +188,9 @@ func checkSocket(ctx context.Context, r *report, cfg *config.Config, primary str
 	case err != nil:
 		r.add(levelFail, "socket folder", "%v", err)
 	case missing:
-		r.add(levelOK, "socket folder", "%s is missing; serve creates it 0750", dirOf(cfg.Socket))
+		r.add(levelOK, "socket folder", "%s is missing; serve creates it 0750", filepath.Dir(cfg.Socket))
 	default:
-		r.add(levelOK, "socket folder", "%s is writable only by root and uid %d", dirOf(cfg.Socket), uid)
+		r.add(levelOK, "socket folder", "%s is writable only by root and uid %d", filepath.Dir(cfg.Socket), uid)
 	}
 
 	switch {
@@ -214,6 +212,9 @@ func checkSocket(ctx context.Context, r *report, cfg *config.Config, primary str
 	case errors.Is(err, syscall.EACCES):
 		r.add(levelFail, "plugin", "cannot connect to %s: permission denied; run doctor as the apiserver's or the plugin's user, or check socketGroup and allowedPeers", cfg.Socket)
 		return false
+	case err != nil && cfg.AllowedPeers != nil:
+		r.add(levelFail, "plugin", "Status on %s: %v; allowedPeers may not list uid %d (doctor's user), else see the plugin's log", cfg.Socket, err, os.Geteuid())
+		return false
 	case err != nil:
 		r.add(levelFail, "plugin", "Status on %s: %v; see the plugin's log", cfg.Socket, err)
 		return false
@@ -226,14 +227,6 @@ func checkSocket(ctx context.Context, r *report, cfg *config.Config, primary str
 	}
 	r.add(levelOK, "plugin", "Status on %s: healthz ok, key_id %s, version %s", cfg.Socket, st.KeyId, st.Version)
 	return true
-}
-
-func dirOf(path string) string {
-	i := strings.LastIndexByte(path, '/')
-	if i <= 0 {
-		return "/"
-	}
-	return path[:i]
 }
 
 // pluginStatus dials the socket and calls Status under statusTimeout. A socket
