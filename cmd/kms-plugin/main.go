@@ -63,7 +63,7 @@ func serveCommand() *cobra.Command {
 			return serve(ctx, cfg)
 		},
 	}
-	cmd.Flags().StringVar(&configPath, "config", "", "plugin configuration file (YAML)")
+	cmd.Flags().StringVar(&configPath, "config", "", "plugin configuration `FILE` (YAML)")
 	return cmd
 }
 

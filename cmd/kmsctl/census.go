@@ -57,7 +57,7 @@ Exit code 2 when any object is not stored as the apiserver writes now.`,
 	fs := cmd.Flags()
 	f.cluster.register(fs, "count")
 	fs.StringVar(&f.current, "current-key-id", "", "the key_id the apiserver's plugin writes with (default: the primary of the provider in --config)")
-	fs.StringVar(&f.configPath, "config", "", "plugin configuration file; its provider's primary is the current key_id")
+	fs.StringVar(&f.configPath, "config", "", "plugin configuration `FILE`; its provider's primary is the current key_id")
 	output.Register(fs, &f.output)
 	fs.IntVar(&f.limit, "list-limit", rotation.DefaultStaleListLimit, "how many objects not stored as the apiserver writes now to name per resource")
 	return cmd

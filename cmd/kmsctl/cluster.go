@@ -37,13 +37,13 @@ type clusterFlags struct {
 
 func (f *clusterFlags) register(fs *pflag.FlagSet, verb string) {
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig `FILE` (default: in-cluster, then $KUBECONFIG, then ~/.kube/config)")
-	fs.StringSliceVar(&f.endpoints, "etcd-endpoints", nil, "the apiserver's etcd client URLs (comma-separated); read only")
-	fs.StringVar(&f.cacert, "etcd-cacert", "", "CA bundle that signed etcd's serving certificate")
-	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate for etcd")
-	fs.StringVar(&f.keyPEM, "etcd-key", "", "client key for etcd")
+	fs.StringSliceVar(&f.endpoints, "etcd-endpoints", nil, "the apiserver's etcd client `URLs` (comma-separated); read only")
+	fs.StringVar(&f.cacert, "etcd-cacert", "", "CA bundle `FILE` that signed etcd's serving certificate")
+	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate `FILE` for etcd")
+	fs.StringVar(&f.keyPEM, "etcd-key", "", "client key `FILE` for etcd")
 	fs.StringVar(&f.prefix, "etcd-prefix", etcdlayout.DefaultPrefix, "the apiserver's --etcd-prefix")
-	fs.StringVar(&f.encryptionConfig, "encryption-config", "", "the apiserver's EncryptionConfiguration (--encryption-provider-config): the resources it encrypts and which provider writes each")
-	fs.StringSliceVar(&f.resources, "resources", nil, "resources to "+verb+": secrets, configmaps, <resource>.<version>.<group> (default: what --encryption-config encrypts, else every resource etcd holds under KMS v2)")
+	fs.StringVar(&f.encryptionConfig, "encryption-config", "", "the apiserver's EncryptionConfiguration `FILE` (--encryption-provider-config): the resources it encrypts and which provider writes each")
+	fs.StringSliceVar(&f.resources, "resources", nil, "`RESOURCES` to "+verb+", comma-separated: secrets, configmaps, <resource>.<version>.<group> (default: what --encryption-config encrypts, else every resource etcd holds under KMS v2)")
 }
 
 // validate checks the flags that need no I/O.

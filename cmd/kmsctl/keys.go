@@ -69,7 +69,7 @@ func keysCommand() *cobra.Command {
 		Use:   "keys",
 		Short: "List and manage key versions (init, list, create, promote, disable, enable)",
 	}
-	cmd.PersistentFlags().StringVar(&k.path, "config", "", "plugin configuration file (YAML)")
+	cmd.PersistentFlags().StringVar(&k.path, "config", "", "plugin configuration `FILE` (YAML)")
 	cmd.PersistentFlags().StringVar(&k.provider, "provider", "", "the configured provider to act on, by name (default: the first, which encrypts; list shows every one)")
 	cmd.AddCommand(
 		keysInitCommand(k),

@@ -98,7 +98,7 @@ object anywhere in etcd uses them, and says which can leave the config.`,
 }
 
 func (f *rotateFlags) register(fs *pflag.FlagSet) {
-	fs.StringVar(&f.configPath, "config", "", "plugin configuration file (YAML); names the provider and its refresh interval")
+	fs.StringVar(&f.configPath, "config", "", "plugin configuration `FILE` (YAML); names the provider and its refresh interval")
 	f.cluster.register(fs, "rewrite")
 	fs.StringSliceVar(&f.apiservers, "apiservers", nil, "every apiserver's base `URLs`, comma-separated, to confirm each one switched (default: the \"kubernetes\" EndpointSlices)")
 	fs.BoolVar(&f.force, "force", false, "rotate to a new key version now")
