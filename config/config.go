@@ -223,12 +223,8 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if c.Health != "" {
-		host, _, err := net.SplitHostPort(c.Health)
-		if err != nil {
-			return fmt.Errorf("health %q: want 127.0.0.1:PORT: %v", c.Health, err)
-		}
-		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-			return fmt.Errorf("health %q: must be a loopback address such as 127.0.0.1:PORT (the endpoint is unauthenticated)", c.Health)
+		if err := CheckLoopback(c.Health); err != nil {
+			return fmt.Errorf("health %w", err)
 		}
 	}
 	for name, d := range map[string]Duration{"checkInterval": c.CheckInterval, "refreshInterval": c.RefreshInterval, "maxStaleness": c.MaxStaleness} {
@@ -250,6 +246,26 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("log.format %q: want text or json", c.Log.Format)
 	}
 	return c.validateEntries()
+}
+
+// ErrNotLoopback is what CheckLoopback returns for an address other users
+// of the network could reach.
+var ErrNotLoopback = errors.New("must be a loopback address such as 127.0.0.1:PORT (the endpoint is unauthenticated)")
+
+// CheckLoopback refuses a listen address that is not on loopback: the
+// plugin's health endpoint and kmsctl's metrics serve without
+// authentication. An empty host (":9090") binds every interface and is
+// refused too. The error starts with the quoted address, for the caller to
+// prefix with the field or flag name.
+func CheckLoopback(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q: want 127.0.0.1:PORT: %v", addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return fmt.Errorf("%q: %w", addr, ErrNotLoopback)
+	}
+	return nil
 }
 
 // oneLine folds a multi-line parser error into one line.

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -159,4 +160,37 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("Parse returned a config that fails Validate: %v", err)
 		}
 	})
+}
+
+func TestCheckLoopback(t *testing.T) {
+	tests := []struct {
+		name, addr string
+		wantErr    error
+		wantMsg    string
+	}{
+		{"ipv4 loopback", "127.0.0.1:9090", nil, ""},
+		{"ipv6 loopback", "[::1]:9090", nil, ""},
+		{"localhost", "localhost:9090", nil, ""},
+		{"every interface", ":9090", ErrNotLoopback, `":9090": must be a loopback address`},
+		{"wildcard", "0.0.0.0:9090", ErrNotLoopback, "loopback"},
+		{"remote host", "10.0.0.1:9090", ErrNotLoopback, "loopback"},
+		{"no port", "127.0.0.1", nil, "want 127.0.0.1:PORT"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := CheckLoopback(tt.addr)
+			if tt.wantMsg == "" {
+				if err != nil {
+					t.Fatalf("got %v, want nil", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantMsg) {
+				t.Fatalf("got %v, want %q", err, tt.wantMsg)
+			}
+			if tt.wantErr != nil && !errors.Is(err, tt.wantErr) {
+				t.Fatalf("got %v, want errors.Is %v", err, tt.wantErr)
+			}
+		})
+	}
 }

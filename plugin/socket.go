@@ -246,7 +246,7 @@ func makeFolder(dir string, gid int) ([]string, error) {
 		}
 		break
 	}
-	if err := checkFolders(d, d == dir); err != nil {
+	if err := checkFolders(d, d == dir, uint32(os.Geteuid())); err != nil {
 		return nil, err
 	}
 	var created []string
@@ -290,8 +290,8 @@ func removeFolders(dirs []string) {
 // connections. A world-writable folder is accepted when it is sticky and
 // owned by root, like /tmp: there only a file's owner can remove or
 // rename it. isSocketFolder says whether dir holds the socket itself, for
-// the message.
-func checkFolders(dir string, isSocketFolder bool) error {
+// the message; uid is the plugin's user.
+func checkFolders(dir string, isSocketFolder bool, euid uint32) error {
 	real, err := filepath.EvalSymlinks(dir)
 	if err != nil {
 		return fmt.Errorf("socket folder %s: %v; choose another socket path", dir, err)
@@ -300,7 +300,6 @@ func checkFolders(dir string, isSocketFolder bool) error {
 	if isSocketFolder {
 		what = "socket folder %s"
 	}
-	euid := uint32(os.Geteuid()) //nolint:gosec // G115: a uid is never negative
 	for d := real; ; d = filepath.Dir(d) {
 		fi, err := os.Lstat(d)
 		if err != nil {
@@ -319,6 +318,34 @@ func checkFolders(dir string, isSocketFolder bool) error {
 		}
 		what = "folder %s above the socket"
 	}
+}
+
+// CheckSocketFolder applies, without creating or binding anything, the
+// rules NewSocket applies to the folders of socket path for a plugin
+// running as uid: the path's shape, and that no folder on the way that
+// exists can be changed by another user. A missing socket folder is not an
+// error (NewSocket creates it); missing reports it.
+func CheckSocketFolder(path string, uid uint32) (missing bool, err error) {
+	if err := validSocketPath(path); err != nil {
+		return false, err
+	}
+	dir := filepath.Dir(path)
+	d := dir
+	for {
+		fi, err := os.Stat(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			d = filepath.Dir(d)
+			continue
+		}
+		if err != nil {
+			return false, fmt.Errorf("socket folder %s: %v; choose another socket path", d, err)
+		}
+		if !fi.IsDir() {
+			return false, fmt.Errorf("socket folder %s is not a folder; choose another socket path", d)
+		}
+		break
+	}
+	return d != dir, checkFolders(d, d == dir, uid)
 }
 
 // heldError is a path held by something the plugin must not remove: a

@@ -18,12 +18,16 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
+	"github.com/kms-v2/kms-plugin/cmd/internal/buildinfo"
+	"github.com/kms-v2/kms-plugin/cmd/internal/cli"
 	"github.com/kms-v2/kms-plugin/config"
 	"github.com/kms-v2/kms-plugin/plugin"
 )
 
-// version is set at release build time with -ldflags "-X main.version=...".
-var version = "dev"
+// version and commit are set at release build time with -ldflags
+// "-X main.version=... -X main.commit=..."; unset, `version` falls back to
+// what the Go toolchain recorded (cmd/internal/buildinfo).
+var version, commit string
 
 func main() {
 	root := &cobra.Command{
@@ -32,11 +36,8 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(serveCommand(), &cobra.Command{
-		Use:   "version",
-		Short: "Print the version",
-		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version) },
-	})
+	root.AddCommand(serveCommand(), doctorCommand(), cli.VersionCommand(version, commit))
+	cli.Strict(root)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "kms-plugin: "+err.Error())
 		os.Exit(1)
@@ -62,7 +63,7 @@ func serveCommand() *cobra.Command {
 			return serve(ctx, cfg)
 		},
 	}
-	cmd.Flags().StringVar(&configPath, "config", "", "plugin configuration file (YAML)")
+	cmd.Flags().StringVar(&configPath, "config", "", "plugin configuration `FILE` (YAML)")
 	return cmd
 }
 
@@ -141,7 +142,8 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	gs := plugin.NewGRPCServer(svc)
 	served := make(chan error, 1)
 	go func() { served <- gs.Serve(sock) }()
-	log.Info("serving KMS v2", "socket", cfg.Socket, "version", version)
+	bi := buildinfo.Get(version, commit)
+	log.Info("serving KMS v2", "socket", cfg.Socket, "version", bi.Version, "commit", bi.Commit, "fips140", bi.FIPSMode)
 
 	select {
 	case err := <-served:

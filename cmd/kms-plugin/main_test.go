@@ -331,7 +331,7 @@ func TestKmsctlBadInput(t *testing.T) {
 		{"no config flag", []string{"keys", "list"}, "--config is required"},
 		{"promote unknown", []string{"keys", "promote", "--config", e.config, "file:nope/1"}, "not in keyset"},
 		{"promote without key", []string{"keys", "promote", "--config", e.config}, "exactly one KEYID"},
-		{"bad output", []string{"keys", "list", "--config", e.config, "-o", "yaml"}, "want json or table"},
+		{"bad output", []string{"keys", "list", "--config", e.config, "-o", "yaml"}, "want table or json"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

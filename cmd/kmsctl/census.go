@@ -13,6 +13,7 @@ import (
 	"k8s.io/client-go/metadata"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
+	"github.com/kms-v2/kms-plugin/cmd/internal/output"
 	"github.com/kms-v2/kms-plugin/rotation"
 	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
@@ -31,7 +32,7 @@ type censusFlags struct {
 	cluster    clusterFlags
 	current    string
 	configPath string
-	output     string
+	output     output.Format
 	limit      int
 }
 
@@ -56,16 +57,13 @@ Exit code 2 when any object is not stored as the apiserver writes now.`,
 	fs := cmd.Flags()
 	f.cluster.register(fs, "count")
 	fs.StringVar(&f.current, "current-key-id", "", "the key_id the apiserver's plugin writes with (default: the primary of the provider in --config)")
-	fs.StringVar(&f.configPath, "config", "", "plugin configuration file; its provider's primary is the current key_id")
-	fs.StringVarP(&f.output, "output", "o", "table", "output format: table or json")
+	fs.StringVar(&f.configPath, "config", "", "plugin configuration `FILE`; its provider's primary is the current key_id")
+	output.Register(fs, &f.output)
 	fs.IntVar(&f.limit, "list-limit", rotation.DefaultStaleListLimit, "how many objects not stored as the apiserver writes now to name per resource")
 	return cmd
 }
 
 func runCensus(cmd *cobra.Command, f censusFlags) error {
-	if f.output != "table" && f.output != "json" {
-		return fmt.Errorf("-o %q: want table or json", f.output)
-	}
 	if err := f.cluster.validate(); err != nil {
 		return err
 	}
@@ -74,8 +72,8 @@ func runCensus(cmd *cobra.Command, f censusFlags) error {
 	if err != nil {
 		return err
 	}
-	if f.output == "json" {
-		if err := printJSON(cmd.OutOrStdout(), c); err != nil {
+	if f.output.IsJSON() {
+		if err := output.WriteJSON(cmd.OutOrStdout(), c); err != nil {
 			return err
 		}
 	} else {

@@ -36,14 +36,14 @@ type clusterFlags struct {
 }
 
 func (f *clusterFlags) register(fs *pflag.FlagSet, verb string) {
-	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig (default: in-cluster, then $KUBECONFIG)")
-	fs.StringSliceVar(&f.endpoints, "etcd-endpoints", nil, "the apiserver's etcd client URLs (comma-separated); read only")
-	fs.StringVar(&f.cacert, "etcd-cacert", "", "CA bundle that signed etcd's serving certificate")
-	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate for etcd")
-	fs.StringVar(&f.keyPEM, "etcd-key", "", "client key for etcd")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig `FILE` (default: in-cluster, then $KUBECONFIG, then ~/.kube/config)")
+	fs.StringSliceVar(&f.endpoints, "etcd-endpoints", nil, "the apiserver's etcd client `URLs` (comma-separated); read only")
+	fs.StringVar(&f.cacert, "etcd-cacert", "", "CA bundle `FILE` that signed etcd's serving certificate")
+	fs.StringVar(&f.cert, "etcd-cert", "", "client certificate `FILE` for etcd")
+	fs.StringVar(&f.keyPEM, "etcd-key", "", "client key `FILE` for etcd")
 	fs.StringVar(&f.prefix, "etcd-prefix", etcdlayout.DefaultPrefix, "the apiserver's --etcd-prefix")
-	fs.StringVar(&f.encryptionConfig, "encryption-config", "", "the apiserver's EncryptionConfiguration (--encryption-provider-config): the resources it encrypts and which provider writes each")
-	fs.StringSliceVar(&f.resources, "resources", nil, "resources to "+verb+": secrets, configmaps, <resource>.<version>.<group> (default: what --encryption-config encrypts, else every resource etcd holds under KMS v2)")
+	fs.StringVar(&f.encryptionConfig, "encryption-config", "", "the apiserver's EncryptionConfiguration `FILE` (--encryption-provider-config): the resources it encrypts and which provider writes each")
+	fs.StringSliceVar(&f.resources, "resources", nil, "`RESOURCES` to "+verb+", comma-separated: secrets, configmaps, <resource>.<version>.<group> (default: what --encryption-config encrypts, else every resource etcd holds under KMS v2)")
 }
 
 // validate checks the flags that need no I/O.
@@ -122,8 +122,21 @@ func loadKubeconfig(path string) (*rest.Config, error) {
 	rules := clientcmd.NewDefaultClientConfigLoadingRules()
 	rules.ExplicitPath = path
 	c, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
-	if err != nil {
-		return nil, fmt.Errorf("kubeconfig: %w (give --kubeconfig)", err)
+	switch {
+	case err == nil:
+		return c, nil
+	case path != "":
+		return nil, fmt.Errorf("--kubeconfig %s: %v", path, oneLine(err))
+	case clientcmd.IsEmptyConfig(err):
+		// client-go's own text points at KUBERNETES_MASTER, which kmsctl
+		// does not read.
+		return nil, errors.New("no kubeconfig: not in a pod, $KUBECONFIG unset and ~/.kube/config missing; give --kubeconfig FILE")
 	}
-	return c, nil
+	return nil, fmt.Errorf("kubeconfig from $KUBECONFIG or ~/.kube/config: %v; fix it or give --kubeconfig FILE", oneLine(err))
+}
+
+// oneLine folds a multi-line error (client-go joins its loading errors
+// with newlines) into one line.
+func oneLine(err error) string {
+	return strings.Join(strings.Fields(err.Error()), " ")
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
+	"github.com/kms-v2/kms-plugin/cmd/internal/output"
 	"github.com/kms-v2/kms-plugin/config"
 	"github.com/kms-v2/kms-plugin/providers"
 )
@@ -68,7 +69,7 @@ func keysCommand() *cobra.Command {
 		Use:   "keys",
 		Short: "List and manage key versions (init, list, create, promote, disable, enable)",
 	}
-	cmd.PersistentFlags().StringVar(&k.path, "config", "", "plugin configuration file (YAML)")
+	cmd.PersistentFlags().StringVar(&k.path, "config", "", "plugin configuration `FILE` (YAML)")
 	cmd.PersistentFlags().StringVar(&k.provider, "provider", "", "the configured provider to act on, by name (default: the first, which encrypts; list shows every one)")
 	cmd.AddCommand(
 		keysInitCommand(k),
@@ -105,23 +106,20 @@ func keysInitCommand(k *keysConfig) *cobra.Command {
 }
 
 func keysListCommand(k *keysConfig) *cobra.Command {
-	var output string
+	var format output.Format
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List every configured provider's key versions with their state and creation time",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if output != "" && output != "json" && output != "table" {
-				return fmt.Errorf("-o %q: want json or table", output)
-			}
 			vs, err := k.listVersions()
 			if err != nil {
 				return err
 			}
-			return printVersions(cmd, vs, output)
+			return printVersions(cmd, vs, format)
 		},
 	}
-	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	output.Register(list.Flags(), &format)
 	return list
 }
 
@@ -203,9 +201,9 @@ func (k *keysConfig) listVersions() ([]listedVersion, error) {
 	return out, nil
 }
 
-func printVersions(cmd *cobra.Command, vs []listedVersion, output string) error {
-	if output == "json" {
-		return printJSON(cmd.OutOrStdout(), vs)
+func printVersions(cmd *cobra.Command, vs []listedVersion, format output.Format) error {
+	if format.IsJSON() {
+		return output.WriteJSON(cmd.OutOrStdout(), vs)
 	}
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "PROVIDER\tKEY ID\tSTATE\tCREATED")

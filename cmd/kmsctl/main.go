@@ -5,16 +5,21 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"github.com/spf13/cobra"
 
+	"github.com/kms-v2/kms-plugin/cmd/internal/cli"
+
 	"github.com/kms-v2/kms-plugin/providers/secretfile"
 )
+
+// version and commit are set at release build time with -ldflags
+// "-X main.version=... -X main.commit=..."; unset, `version` falls back to
+// what the Go toolchain recorded (cmd/internal/buildinfo).
+var version, commit string
 
 func main() {
 	// kmsctl is the administrator's tool: run as root it manages a keyset
@@ -29,6 +34,8 @@ func main() {
 	for _, c := range subcommands {
 		root.AddCommand(c())
 	}
+	root.AddCommand(cli.VersionCommand(version, commit))
+	cli.Strict(root)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "kmsctl: "+err.Error())
 		os.Exit(exitCode(err))
@@ -46,13 +53,6 @@ type exitError struct {
 
 func (e *exitError) Error() string { return e.err.Error() }
 func (e *exitError) Unwrap() error { return e.err }
-
-// printJSON writes v as indented JSON: the `-o json` form of every command.
-func printJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
-}
 
 func exitCode(err error) int {
 	if e := (*exitError)(nil); errors.As(err, &e) {

@@ -26,6 +26,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
+	"github.com/kms-v2/kms-plugin/cmd/internal/output"
 	"github.com/kms-v2/kms-plugin/config"
 	"github.com/kms-v2/kms-plugin/providers"
 	"github.com/kms-v2/kms-plugin/rotation"
@@ -40,8 +41,9 @@ type rotateFlags struct {
 	keysetDistributed     bool
 	ifOlderThan           time.Duration
 	concurrency           int
-	output                string
+	output                output.Format
 	metricsAddr           string
+	metricsRemote         bool
 	propagationWait       time.Duration
 	propagationWaitSet    bool
 	passiveWait           time.Duration
@@ -96,17 +98,18 @@ object anywhere in etcd uses them, and says which can leave the config.`,
 }
 
 func (f *rotateFlags) register(fs *pflag.FlagSet) {
-	fs.StringVar(&f.configPath, "config", "", "plugin configuration file (YAML); names the provider and its refresh interval")
+	fs.StringVar(&f.configPath, "config", "", "plugin configuration `FILE` (YAML); names the provider and its refresh interval")
 	f.cluster.register(fs, "rewrite")
-	fs.StringSliceVar(&f.apiservers, "apiservers", nil, "every apiserver's URL, to confirm each one switched (default: the `kubernetes` EndpointSlices)")
+	fs.StringSliceVar(&f.apiservers, "apiservers", nil, "every apiserver's base `URLs`, comma-separated, to confirm each one switched (default: the \"kubernetes\" EndpointSlices)")
 	fs.BoolVar(&f.force, "force", false, "rotate to a new key version now")
 	fs.DurationVar(&f.ifOlderThan, "if-older-than", 0, "rotate when the primary is older than this, e.g. 720h")
 	fs.BoolVar(&f.retire, "retire", false, "disable old key versions, and the versions of decrypt-only providers, once etcd proves nothing uses them")
 	fs.BoolVar(&f.keysetDistributed, "keyset-distributed", false, "the encrypting provider keeps keys per node (a keyset file, a TPM) and every node's copy is kept the same; without it a new version is refused on more than one apiserver")
 	fs.IntVar(&f.concurrency, "concurrency", 32, "most patches in flight; the actual number adapts to the apiserver's latency and 429s")
 	fs.BoolVar(&f.dryRun, "dry-run", false, "plan and count only; change nothing but kmsctl's own canaries")
-	fs.StringVarP(&f.output, "output", "o", "text", "report format: text or json")
-	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics of the run on this address, e.g. :9090")
+	output.Register(fs, &f.output)
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics of the run on this loopback `ADDR`, e.g. 127.0.0.1:9090 (unauthenticated; see --metrics-addr-allow-remote)")
+	fs.BoolVar(&f.metricsRemote, "metrics-addr-allow-remote", false, "let --metrics-addr be a non-loopback address, such as :9090 (every interface); the metrics name resources and key_ids and are served without authentication")
 	fs.DurationVar(&f.propagationWait, "propagation-wait", 0, "wait between creating and promoting a version (default: none for shared key state, whose plugins look a new key_id up on first sight; twice the config's refreshInterval plus 1s for per-node key state)")
 	fs.DurationVar(&f.passiveWait, "passive-wait", 0, "wait after promoting when apiservers cannot be confirmed one by one (default 3+N+5 minutes, N the refresh interval in whole minutes)")
 	fs.DurationVar(&f.confirmTimeout, "confirm-timeout", 3*time.Minute, "how long each apiserver may take to switch")
@@ -127,11 +130,17 @@ func (f *rotateFlags) register(fs *pflag.FlagSet) {
 
 // validate checks the flags that need no I/O.
 func (f *rotateFlags) validate() error {
-	switch {
-	case f.configPath == "":
+	if f.configPath == "" {
 		return errors.New("--config is required: the plugin configuration file")
-	case f.output != "text" && f.output != "json":
-		return fmt.Errorf("-o %q: want text or json", f.output)
+	}
+	if f.metricsAddr != "" && !f.metricsRemote {
+		if err := config.CheckLoopback(f.metricsAddr); errors.Is(err, config.ErrNotLoopback) {
+			return fmt.Errorf("--metrics-addr %w; or add --metrics-addr-allow-remote", err)
+		} else if err != nil {
+			return fmt.Errorf("--metrics-addr %w", err)
+		}
+	}
+	switch {
 	case f.force && f.ifOlderThan > 0:
 		return errors.New("--force and --if-older-than exclude each other")
 	case f.concurrency < 1:
@@ -176,8 +185,8 @@ func runRotate(cmd *cobra.Command, f rotateFlags) error {
 	if runErr != nil {
 		report.Error, report.ExitCode = runErr.Error(), exitCode(runErr)
 	}
-	if f.output == "json" {
-		if err := printJSON(cmd.OutOrStdout(), report); err != nil {
+	if f.output.IsJSON() {
+		if err := output.WriteJSON(cmd.OutOrStdout(), report); err != nil {
 			return err
 		}
 	} else if report.Action != "" {

@@ -42,7 +42,10 @@ func TestRotateFlagErrors(t *testing.T) {
 	}{
 		{name: "no config", args: []string{}, want: "--config is required"},
 		{name: "force and age", args: []string{"--config", "x.yaml", "--force", "--if-older-than", "1h"}, want: "exclude each other"},
-		{name: "bad output", args: []string{"--config", "x.yaml", "-o", "yaml"}, want: "want text or json"},
+		{name: "bad output", args: []string{"--config", "x.yaml", "-o", "yaml"}, want: "want table or json"},
+		{name: "metrics on every interface", args: []string{"--config", "x.yaml", "--metrics-addr", ":9090"}, want: "--metrics-addr-allow-remote"},
+		{name: "metrics address without port", args: []string{"--config", "x.yaml", "--metrics-addr", "127.0.0.1"}, want: "want 127.0.0.1:PORT"},
+		{name: "remote metrics allowed", args: []string{"--config", "x.yaml", "--metrics-addr", ":9090", "--metrics-addr-allow-remote"}, want: "--etcd-endpoints is required"},
 		{name: "bad resource", args: []string{"--config", "x.yaml", "--resources", "deployments"}, want: "resource \"deployments\""},
 		{name: "zero concurrency", args: []string{"--config", "x.yaml", "--concurrency", "0"}, want: "at least 1"},
 	}
