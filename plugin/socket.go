@@ -246,7 +246,7 @@ func makeFolder(dir string, gid int) ([]string, error) {
 		}
 		break
 	}
-	if err := checkFolders(d, d == dir, uint32(os.Geteuid())); err != nil {
+	if err := checkFolders(d, d == dir, uint32(os.Geteuid())); err != nil { //nolint:gosec // G115: a uid is never negative
 		return nil, err
 	}
 	var created []string

@@ -176,7 +176,7 @@ func roundTrip(ctx context.Context, p providers.Provider) (string, error) {
 // plugin listens there, asks it for Status. It reports whether a plugin
 // answered.
 func checkSocket(ctx context.Context, r *report, cfg *config.Config, primary string) bool {
-	uid := uint32(os.Geteuid())
+	uid := uint32(os.Geteuid()) //nolint:gosec // G115: a uid is never negative
 	fi, statErr := os.Lstat(cfg.Socket)
 	if statErr == nil && fi.Mode()&fs.ModeSocket != 0 {
 		// The running plugin's user owns its socket: judge the folders
