@@ -303,6 +303,11 @@ func Build(o Options) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The history names the exact package files (name_version_arch.deb).
+	debNames := make([]string, len(debs))
+	for i, d := range debs {
+		debNames[i] = filepath.Base(d)
+	}
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
 	history := func(by string) mutate.Addendum {
@@ -312,7 +317,7 @@ func Build(o Options) (v1.Image, error) {
 		l  v1.Layer
 		by string
 	}{
-		{base, "build/image: Debian packages " + strings.Join(Packages, " ") + ", nonroot user, CA bundle"},
+		{base, "build/image: Debian packages " + strings.Join(debNames, " ") + "; nonroot user, CA bundle"},
 		{app, "build/image: " + strings.Join(Binaries, " ")},
 	} {
 		add := history(a.by)
