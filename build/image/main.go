@@ -426,9 +426,23 @@ func (lw *layerWriter) file(name string, mode int64, uid int, data []byte) error
 	return lw.write(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: mode, Uid: uid, Gid: uid, Size: int64(len(data))}, bytes.NewReader(data))
 }
 
+// layerFrom gzips a layer's tar once, at the fastest level (no name or time in the gzip header, so
+// the same tar gives the same blob) and serves the layer from those bytes.
 func layerFrom(data []byte) (v1.Layer, error) {
+	var gz bytes.Buffer
+	zw, err := gzip.NewWriterLevel(&gz, gzip.BestSpeed)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := zw.Write(data); err != nil {
+		return nil, err
+	}
+	if err := zw.Close(); err != nil {
+		return nil, err
+	}
+	blob := gz.Bytes()
 	return tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(data)), nil
+		return io.NopCloser(bytes.NewReader(blob)), nil
 	}, tarball.WithMediaType(types.OCILayer))
 }
 
