@@ -131,3 +131,17 @@ bench-rotation: tools
 
 clean:
 	rm -rf $(BIN)
+
+## image: the release image as an OCI image layout in $(IMAGE_OUT), built without a container
+## engine from Debian packages and the two binaries (docs/image.md); amd64 only.
+IMAGE_OUT     ?= $(BIN)/image
+IMAGE_VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+.PHONY: image image-debs
+image:
+	$(GO) run ./build/image -out $(IMAGE_OUT) -version $(IMAGE_VERSION)
+
+## image-debs: download the image's Debian packages into the cache (apt-get download; as root
+## it runs apt-get update once if needed). KMS_IMAGE_DEBS overrides the cache directory.
+image-debs:
+	@command -v apt-get >/dev/null 2>&1 || { echo "image-debs: apt-get not found: the image is built from Debian packages; run this on Debian/Ubuntu or put the .deb files in KMS_IMAGE_DEBS" >&2; exit 1; }
+	$(GO) run ./build/image -fetch-only
