@@ -1,6 +1,7 @@
 package plugin
 
 import (
+	"crypto/fips140"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +22,7 @@ type Metrics struct {
 	healthBindErrs  prometheus.Counter
 	socketLost      prometheus.Counter
 	peersRefused    prometheus.Counter
+	fips140Enabled  prometheus.Gauge
 
 	mu             sync.Mutex
 	currentPrimary string
@@ -79,12 +81,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kms_plugin_peers_refused_total",
 			Help: "Connections to the socket closed because the peer's uid and gid are not in allowedPeers (or could not be read).",
 		}),
+		fips140Enabled: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kms_plugin_fips140_enabled",
+			Help: "1 when the Go cryptography runs in FIPS 140-3 mode (crypto/fips140.Enabled: GODEBUG fips140=on or only, the default in a GOFIPS140 build), else 0.",
+		}),
+	}
+	// Fixed for the life of the process: the mode cannot change after start.
+	if fips140.Enabled() {
+		m.fips140Enabled.Set(1)
 	}
 	// Present from the start, so an alert on its rate has a series.
 	m.logsDropped.WithLabelValues(reasonRateLimited)
 	if reg != nil {
 		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy,
-			m.logsDropped, m.healthBindErrs, m.socketLost, m.peersRefused)
+			m.logsDropped, m.healthBindErrs, m.socketLost, m.peersRefused, m.fips140Enabled)
 	}
 	return m
 }

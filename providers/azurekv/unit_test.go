@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/kms-v2/kms-plugin/e2e/keyvault-emulator/emulator"
+	"github.com/kms-v2/kms-plugin/internal/fipstest"
 	"github.com/kms-v2/kms-plugin/providers"
 )
 
@@ -248,7 +249,7 @@ func TestBreaker(t *testing.T) {
 
 // More versions than one list page: the pager follows nextLink.
 func TestManyVersionsArePaged(t *testing.T) {
-	e := startEmulator(t, emulator.Options{KeySize: 1024})
+	e := startEmulator(t, emulator.Options{KeySize: fipstest.RSABits(1024)})
 	for i := 0; i < 30; i++ {
 		if _, err := e.CreateKey(testKey, emulator.KeyOptions{}); err != nil {
 			t.Fatal(err)

@@ -1,6 +1,7 @@
 package file
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"sync"
@@ -8,7 +9,9 @@ import (
 	"time"
 
 	"k8s.io/apiserver/pkg/storage/value"
+	kmsservice "k8s.io/kms/pkg/service"
 
+	"github.com/kms-v2/kms-plugin/internal/fipstest"
 	"github.com/kms-v2/kms-plugin/plugin/plugintest"
 )
 
@@ -21,7 +24,9 @@ func TestKMSv2Contract(t *testing.T) {
 // re-seeds when Status shows a new key_id, as kube-apiserver does. Checked:
 // Encrypt never stamps a key_id other than the one Status reported around
 // it; the plugin follows each promote within 10 s; every object written
-// under any key reads back through a restarted apiserver.
+// under any key reads back through a restarted apiserver. Under
+// GODEBUG=fips140=only the workers seal seeds with Encrypt instead of
+// objects through kube-apiserver's envelope transformer (docs/fips.md).
 func TestPromoteWhileServing(t *testing.T) {
 	cfg := newKeyset(t)
 	srv := plugintest.Serve(t, open(t, cfg), 200*time.Millisecond)
@@ -30,6 +35,10 @@ func TestPromoteWhileServing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
+	type sealed struct {
+		seed []byte
+		enc  *kmsservice.EncryptResponse
+	}
 	type written struct {
 		key, plain string
 		stored     []byte
@@ -37,6 +46,7 @@ func TestPromoteWhileServing(t *testing.T) {
 	var (
 		mu      sync.Mutex
 		objects []written
+		seeds   []sealed
 		keyIDs  = map[string]bool{}
 		stop    = make(chan struct{})
 		wg      sync.WaitGroup
@@ -57,6 +67,30 @@ func TestPromoteWhileServing(t *testing.T) {
 				if err != nil {
 					errs <- fmt.Errorf("Status: %w", err)
 					return
+				}
+				if fipstest.Only() {
+					// The envelope transformer is excluded (docs/fips.md):
+					// seal a seed directly, the plugin's own path.
+					seed := []byte(fmt.Sprintf("%032d", w*1_000_000+i))
+					enc, err := svc.Encrypt(ctx, fmt.Sprintf("uid-%d-%d", w, i), seed)
+					if err != nil {
+						errs <- fmt.Errorf("Encrypt: %w", err)
+						return
+					}
+					after, err := svc.Status(ctx)
+					if err != nil {
+						errs <- err
+						return
+					}
+					if enc.KeyID != before.KeyID && enc.KeyID != after.KeyID {
+						errs <- fmt.Errorf("Encrypt stamped %s; Status said %s before and %s after", enc.KeyID, before.KeyID, after.KeyID)
+						return
+					}
+					mu.Lock()
+					seeds = append(seeds, sealed{seed, enc})
+					keyIDs[enc.KeyID] = true
+					mu.Unlock()
+					continue
 				}
 				if tr == nil || tr.KeyID != before.KeyID {
 					next, err := plugintest.NewTransformer(ctx, svc, fmt.Sprintf("uid-%d-%d", w, i))
@@ -123,6 +157,12 @@ func TestPromoteWhileServing(t *testing.T) {
 	if len(keyIDs) < 4 {
 		t.Fatalf("objects were written under %d key_ids, want all 4", len(keyIDs))
 	}
+	for _, s := range seeds {
+		got, err := svc.Decrypt(ctx, "uid-read", &kmsservice.DecryptRequest{KeyID: s.enc.KeyID, Ciphertext: s.enc.Ciphertext, Annotations: s.enc.Annotations})
+		if err != nil || !bytes.Equal(got, s.seed) {
+			t.Fatalf("decrypting a seed under %s: %v (match %v)", s.enc.KeyID, err, bytes.Equal(got, s.seed))
+		}
+	}
 	reader := plugintest.FreshReader(svc, "")
 	for _, o := range objects {
 		got, _, err := reader.TransformFromStorage(ctx, o.stored, value.DefaultContext(o.key))
@@ -130,5 +170,5 @@ func TestPromoteWhileServing(t *testing.T) {
 			t.Fatalf("reading %s back: %q, %v", o.key, got, err)
 		}
 	}
-	t.Logf("%d objects under %d key_ids read back", len(objects), len(keyIDs))
+	t.Logf("%d objects and %d seeds under %d key_ids read back", len(objects), len(seeds), len(keyIDs))
 }

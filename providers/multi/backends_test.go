@@ -8,7 +8,9 @@ import (
 	"time"
 
 	"k8s.io/apiserver/pkg/storage/value"
+	kmsservice "k8s.io/kms/pkg/service"
 
+	"github.com/kms-v2/kms-plugin/internal/fipstest"
 	"github.com/kms-v2/kms-plugin/plugin/plugintest"
 	"github.com/kms-v2/kms-plugin/providers"
 	"github.com/kms-v2/kms-plugin/providers/file"
@@ -98,30 +100,51 @@ func TestPluginContractAcrossAMigration(t *testing.T) {
 	defer cancel()
 	f, tok := newFile(t), newToken(t)
 	before := plugintest.Client(t, plugintest.Serve(t, router(t, f), time.Second))
-	tr, err := plugintest.NewTransformer(ctx, before, "uid-before")
+	// A seed sealed by the file-only plugin, through the gRPC client alone:
+	// the plugin's own path, run in every mode (the envelope below is not).
+	seed := []byte("32-byte-seed-from-the-file-era!!")
+	old, err := before.Encrypt(ctx, "uid-before-seed", seed)
 	if err != nil {
 		t.Fatal(err)
 	}
+	var tr *plugintest.Transformer
 	secret := []byte("written-under-the-file-provider")
 	dataCtx := value.DefaultContext(etcdlayout.Default().Key("secrets", "default", "old"))
-	stored, err := tr.TransformToStorage(ctx, secret, dataCtx)
-	if err != nil {
-		t.Fatal(err)
+	var stored []byte
+	if !fipstest.Only() {
+		if tr, err = plugintest.NewTransformer(ctx, before, "uid-before"); err != nil {
+			t.Fatal(err)
+		}
+		if stored, err = tr.TransformToStorage(ctx, secret, dataCtx); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	after := router(t, tok, f)
 	plugintest.Contract(t, after)
 	svc := plugintest.Client(t, plugintest.Serve(t, after, time.Second))
-	primary, _ := tok.PrimaryKeyID(ctx)
-	got, stale, err := plugintest.FreshReader(svc, primary).TransformFromStorage(ctx, stored, dataCtx)
-	if err != nil {
-		t.Fatalf("read of the file-era object through [pkcs11, file]: %v", err)
+	pkcs11Only := plugintest.Client(t, plugintest.Serve(t, router(t, tok), time.Second))
+	oldReq := &kmsservice.DecryptRequest{KeyID: old.KeyID, Ciphertext: old.Ciphertext, Annotations: old.Annotations}
+	if got, err := svc.Decrypt(ctx, "uid-after-seed", oldReq); err != nil || !bytes.Equal(got, seed) {
+		t.Fatalf("Decrypt of the file-era seed through [pkcs11, file]: %v (match %v)", err, bytes.Equal(got, seed))
 	}
-	if !bytes.Equal(got, secret) || !stale {
-		t.Fatalf("read %q stale=%v, want %q and stale (not under the encrypting provider)", got, stale, secret)
+	if _, err := pkcs11Only.Decrypt(ctx, "uid-after-seed", oldReq); err == nil {
+		t.Fatal("a pkcs11-only plugin decrypted a seed under the file provider")
 	}
-	// Without the file entry the object is unreadable: the route matters.
-	if _, _, err := plugintest.FreshReader(plugintest.Client(t, plugintest.Serve(t, router(t, tok), time.Second)), primary).TransformFromStorage(ctx, stored, dataCtx); err == nil {
-		t.Fatal("a pkcs11-only plugin read an object under the file provider")
-	}
+
+	t.Run("Envelope", func(t *testing.T) {
+		fipstest.SkipIfOnly(t, "kube-apiserver's envelope transformer builds its DEK cipher with cipher.NewGCM, GCM at caller-chosen nonces")
+		primary, _ := tok.PrimaryKeyID(ctx)
+		got, stale, err := plugintest.FreshReader(svc, primary).TransformFromStorage(ctx, stored, dataCtx)
+		if err != nil {
+			t.Fatalf("read of the file-era object through [pkcs11, file]: %v", err)
+		}
+		if !bytes.Equal(got, secret) || !stale {
+			t.Fatalf("read %q stale=%v, want %q and stale (not under the encrypting provider)", got, stale, secret)
+		}
+		// Without the file entry the object is unreadable: the route matters.
+		if _, _, err := plugintest.FreshReader(pkcs11Only, primary).TransformFromStorage(ctx, stored, dataCtx); err == nil {
+			t.Fatal("a pkcs11-only plugin read an object under the file provider")
+		}
+	})
 }

@@ -10,13 +10,15 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kms-v2/kms-plugin/internal/fipstest"
 )
 
 // The SDK-level behaviour is tested through the real azkeys client in
 // providers/azurekv; these cases pin the wire details the SDK depends on.
 func TestWire(t *testing.T) {
 	dir := t.TempDir()
-	e, err := Start(Options{Dir: dir, Clients: map[string]string{"c": "s"}, KeySize: 1024})
+	e, err := Start(Options{Dir: dir, Clients: map[string]string{"c": "s"}, KeySize: fipstest.RSABits(1024)})
 	if err != nil {
 		t.Fatal(err)
 	}
