@@ -2,7 +2,7 @@
 #   make demo   runs a real local control plane (etcd + kube-apiserver) using the plugin
 #   make test   installs what the tests need and runs every test (unit, fuzz seeds, e2e)
 # and `make ci` (what .ci/run runs) adds module verification, lint, the
-# vulnerability scan and a short fuzz of every target first, and the tests in
+# vulnerability scan first, and the tests in
 # FIPS 140-only mode last (docs/ci.md, docs/fips.md).
 
 GO        ?= go
@@ -69,10 +69,9 @@ deps:
 tools:
 	@e2e/tools/build.sh >/dev/null
 
-## ci: what .ci/run runs: the module checks, lint, the vulnerability scan, a short fuzz, every test,
+## ci: what .ci/run runs: the module checks, lint, the vulnerability scan, every test,
 ## then the unit and contract tests again in FIPS 140-only mode (docs/fips.md).
 ci: modverify lint vulncheck
-	$(MAKE) fuzz FUZZTIME=$(CI_FUZZTIME)
 	$(MAKE) test
 	$(MAKE) test-fips
 

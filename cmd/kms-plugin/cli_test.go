@@ -117,6 +117,16 @@ func TestCLIAccepts(t *testing.T) {
 	})
 }
 
+// defaultFIPSLine is how version reports FIPS mode with no GODEBUG set:
+// off, unless TestMain built the binaries against the FIPS module
+// (make test-fips sets GOFIPS140), which turns it on by default.
+func defaultFIPSLine() string {
+	if v := os.Getenv("GOFIPS140"); v != "" && v != "off" && v != "latest" {
+		return "fips140: on (GODEBUG fips140=on, module " + v
+	}
+	return "fips140: off (GODEBUG fips140=off"
+}
+
 func TestVersion(t *testing.T) {
 	for _, bin := range []string{"kms-plugin", "kmsctl"} {
 		t.Run(bin, func(t *testing.T) {
@@ -124,7 +134,7 @@ func TestVersion(t *testing.T) {
 			if code != 0 {
 				t.Fatalf("exit %d: %s", code, stderr)
 			}
-			for _, w := range []string{"version: ", "commit: ", "go: go1.", "fips140: off (GODEBUG fips140=off"} {
+			for _, w := range []string{"version: ", "commit: ", "go: go1.", defaultFIPSLine()} {
 				if !strings.Contains(out, w) {
 					t.Errorf("version output lacks %q:\n%s", w, out)
 				}

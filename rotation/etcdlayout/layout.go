@@ -22,7 +22,8 @@ func Default() Layout { return Layout{prefix: DefaultPrefix} }
 // As the apiserver does, a missing leading "/" is added and a trailing one
 // dropped.
 func New(prefix string) (Layout, error) {
-	p := strings.TrimRight(strings.TrimSpace(prefix), "/")
+	// Trimmed again after the slashes, so Prefix() parses to itself.
+	p := strings.TrimSpace(strings.TrimRight(strings.TrimSpace(prefix), "/"))
 	if p == "" {
 		return Layout{}, fmt.Errorf("etcd prefix %q: want a key prefix such as %s", prefix, DefaultPrefix)
 	}
