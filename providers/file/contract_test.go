@@ -77,13 +77,8 @@ func TestPromoteWhileServing(t *testing.T) {
 						errs <- fmt.Errorf("Encrypt: %w", err)
 						return
 					}
-					after, err := svc.Status(ctx)
-					if err != nil {
+					if err := stampedBetween(ctx, svc, before.KeyID, enc.KeyID); err != nil {
 						errs <- err
-						return
-					}
-					if enc.KeyID != before.KeyID && enc.KeyID != after.KeyID {
-						errs <- fmt.Errorf("Encrypt stamped %s; Status said %s before and %s after", enc.KeyID, before.KeyID, after.KeyID)
 						return
 					}
 					mu.Lock()
@@ -98,13 +93,8 @@ func TestPromoteWhileServing(t *testing.T) {
 						errs <- fmt.Errorf("Encrypt: %w", err)
 						return
 					}
-					after, err := svc.Status(ctx)
-					if err != nil {
+					if err := stampedBetween(ctx, svc, before.KeyID, next.KeyID); err != nil {
 						errs <- err
-						return
-					}
-					if next.KeyID != before.KeyID && next.KeyID != after.KeyID {
-						errs <- fmt.Errorf("Encrypt stamped %s; Status said %s before and %s after", next.KeyID, before.KeyID, after.KeyID)
 						return
 					}
 					tr = next
@@ -171,4 +161,18 @@ func TestPromoteWhileServing(t *testing.T) {
 		}
 	}
 	t.Logf("%d objects and %d seeds under %d key_ids read back", len(objects), len(seeds), len(keyIDs))
+}
+
+// stampedBetween checks that an Encrypt stamped the key_id Status reported
+// before it (before) or reports after it: a promote may land in between,
+// never a third key.
+func stampedBetween(ctx context.Context, svc kmsservice.Service, before, stamped string) error {
+	after, err := svc.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if stamped != before && stamped != after.KeyID {
+		return fmt.Errorf("Encrypt stamped %s; Status said %s before and %s after", stamped, before, after.KeyID)
+	}
+	return nil
 }
