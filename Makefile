@@ -131,8 +131,11 @@ check:
 	$(GO) mod tidy -diff
 	cd e2e/tools && $(GO) mod tidy -diff
 
+## unit: the product's tests, and the kubeadm patch checked with kubeadm's own
+## types (in e2e/tools, the module that may depend on k8s.io/kubernetes).
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)
+	cd e2e/tools && $(GO) test -count=1 ./kubeadmcheck/
 
 e2e: tools
 	KMS_E2E_BIN="$$(e2e/tools/build.sh)" $(GO) test -tags e2e $(E2E_FLAGS) ./e2e/...
