@@ -18,10 +18,6 @@ import (
 
 // Defaults for Options.
 const (
-	// DefaultProviderName is the KMS provider name in the
-	// EncryptionConfiguration; it becomes part of the etcd prefix
-	// k8s:enc:kms:v2:<name>:.
-	DefaultProviderName = "kms-e2e"
 	// DefaultStartTimeout bounds Launch: a warm start takes 15-30 s on two
 	// busy cores; the margin absorbs a slow CI neighbour.
 	DefaultStartTimeout = 3 * time.Minute
@@ -31,8 +27,6 @@ const (
 // etcd data) after the test, to debug a failure.
 const EnvKeep = "KMS_E2E_KEEP"
 
-// DefaultResources are the resources encrypted through the plugin.
-var DefaultResources = []string{"secrets", "configmaps"}
 
 // Options shape a control plane. The zero value is one apiserver encrypting
 // secrets and configmaps with a fresh file keyset.
@@ -41,13 +35,14 @@ type Options struct {
 	// Each gets its own kms-plugin process and socket.
 	APIServers int
 	// Resources are encrypted with KMS v2 first and identity second
-	// (default DefaultResources).
+	// (default: those of manifests/encryption-config.yaml).
 	Resources []string
 	// EtcdPrefix is the apiservers' --etcd-prefix (default
 	// etcdlayout.DefaultPrefix, and then the flag is not passed at all).
 	EtcdPrefix string
-	// ProviderName is the EncryptionConfiguration provider name (default
-	// DefaultProviderName).
+	// ProviderName is the EncryptionConfiguration provider name, part of
+	// the etcd value prefix k8s:enc:kms:v2:<name>: (default: the name in
+	// manifests/encryption-config.yaml).
 	ProviderName string
 	// ProviderYAML is the body of the plugin config's `provider:` section,
 	// shared by every plugin instance and kmsctl, e.g.
@@ -125,11 +120,15 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if opts.APIServers <= 0 {
 		opts.APIServers = 1
 	}
+	shipped, err := LoadShipped()
+	if err != nil {
+		return nil, fmt.Errorf("the shipped configuration: %w", err)
+	}
 	if len(opts.Resources) == 0 {
-		opts.Resources = DefaultResources
+		opts.Resources = shipped.Resources
 	}
 	if opts.ProviderName == "" {
-		opts.ProviderName = DefaultProviderName
+		opts.ProviderName = shipped.KMS.Name
 	}
 	if opts.StartTimeout == 0 {
 		opts.StartTimeout = DefaultStartTimeout

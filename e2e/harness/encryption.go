@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	apiserverv1 "k8s.io/apiserver/pkg/apis/apiserver/v1"
@@ -66,17 +65,20 @@ func (c *Cluster) renderEncryptionConfig(socket string, providers []EncryptionPr
 	if len(providers) == 0 {
 		return nil, fmt.Errorf("an EncryptionConfiguration needs at least one provider")
 	}
+	shipped, err := LoadShipped()
+	if err != nil {
+		return nil, err
+	}
 	rc := apiserverv1.ResourceConfiguration{Resources: append([]string(nil), c.Resources...)}
 	for _, p := range providers {
 		var pc apiserverv1.ProviderConfiguration
 		switch {
 		case p.kms != "":
-			pc.KMS = &apiserverv1.KMSConfiguration{
-				APIVersion: "v2",
-				Name:       p.kms,
-				Endpoint:   "unix://" + socket,
-				Timeout:    &metav1.Duration{Duration: 3 * time.Second},
-			}
+			// The shipped entry (apiVersion, timeout), on this
+			// cluster's socket and under the name the test asks for.
+			kms := shipped.KMS
+			kms.Name, kms.Endpoint = p.kms, "unix://"+socket
+			pc.KMS = &kms
 		case p.aescbc != "":
 			secret, err := c.aescbcSecret(p.aescbc)
 			if err != nil {

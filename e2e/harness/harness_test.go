@@ -298,7 +298,7 @@ func TestAPIServerEtcdPrefix(t *testing.T) {
 				}
 			}
 			c := &Cluster{
-				Dir: dir, SharedDir: filepath.Join(dir, "shared"), ProviderName: "p", Resources: DefaultResources,
+				Dir: dir, SharedDir: filepath.Join(dir, "shared"), ProviderName: "p", Resources: []string{"secrets", "configmaps"},
 				Layout: layout, Token: "t", Etcd: &Etcd{Endpoint: "http://127.0.0.1:1"},
 				Plugins: []*Plugin{{Socket: filepath.Join(dir, "kms.sock")}},
 				opts:    Options{EtcdPrefix: tt.prefix},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -78,10 +79,15 @@ func (c *Cluster) newPlugin(i int) (*Plugin, error) {
 	return p, nil
 }
 
-// pluginConfig renders plugin p's config: fast refresh and checks so a
-// promote reaches every instance within a second or two, debug logs, and
-// the shared provider section.
+// pluginConfig renders plugin p's config: manifests/plugin-config.yaml with
+// this machine's socket, health address and keyset, plus fast refresh and
+// checks so a promote reaches every instance within a second or two, debug
+// logs, and the shared provider section.
 func (c *Cluster) pluginConfig(p *Plugin) ([]byte, error) {
+	shipped, err := LoadShipped()
+	if err != nil {
+		return nil, err
+	}
 	provider := map[string]any{"file": map[string]any{"path": c.KeysetPath()}}
 	if c.opts.ProviderYAML != "" {
 		provider = map[string]any{}
@@ -89,7 +95,8 @@ func (c *Cluster) pluginConfig(p *Plugin) ([]byte, error) {
 			return nil, fmt.Errorf("Options.ProviderYAML: %w", err)
 		}
 	}
-	cfg := map[string]any{
+	cfg := maps.Clone(shipped.Plugin)
+	maps.Copy(cfg, map[string]any{
 		"socket":          p.Socket,
 		"health":          p.HealthURL[len("http://"):],
 		"refreshInterval": "1s",
@@ -97,10 +104,8 @@ func (c *Cluster) pluginConfig(p *Plugin) ([]byte, error) {
 		"maxStaleness":    "5s",
 		"log":             map[string]any{"level": "debug", "format": "text"},
 		"provider":        provider,
-	}
-	for k, v := range c.opts.PluginSettings {
-		cfg[k] = v
-	}
+	})
+	maps.Copy(cfg, c.opts.PluginSettings)
 	return yaml.Marshal(cfg)
 }
 
