@@ -18,8 +18,12 @@ export CGO_ENABLED ?= 1
 
 all: build
 
+## build: both binaries, stamped with the release version and commit that
+## `version` prints (git describe; "dev" outside a git checkout).
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
 build:
-	$(GO) build -o $(BIN)/ ./cmd/kms-plugin ./cmd/kmsctl
+	$(GO) build -ldflags "-X main.version=$(VERSION) -X main.commit=$(COMMIT)" -o $(BIN)/ ./cmd/kms-plugin ./cmd/kmsctl
 
 ## release-fips: both binaries built against the frozen Go Cryptographic Module
 ## FIPS_MODULE (GOFIPS140), into $(BIN)/fips/; such a build defaults to
@@ -161,7 +165,7 @@ clean:
 ## image: the release image as an OCI image layout in $(IMAGE_OUT), built without a container
 ## engine from Debian packages and the two binaries (docs/image.md); amd64 only.
 IMAGE_OUT     ?= $(BIN)/image
-IMAGE_VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+IMAGE_VERSION ?= $(VERSION)
 .PHONY: image image-debs
 image:
 	$(GO) run ./build/image -out $(IMAGE_OUT) -version $(IMAGE_VERSION)
