@@ -598,3 +598,67 @@ func TestSysusersTmpfilesApply(t *testing.T) {
 		}
 	}
 }
+
+// TestImagesPinned: every container image in the shipped Kubernetes
+// manifests is a release tag pulled IfNotPresent or a digest, never a moving
+// tag such as :latest, and both manifests run the same release (the
+// kustomize base overrides one name for both).
+func TestImagesPinned(t *testing.T) {
+	var refs []string
+	for _, f := range []string{"kms-plugin-static-pod.yaml", "rotation-cronjob.yaml"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var obj struct {
+			Spec struct {
+				corev1.PodSpec `json:",inline"`
+				JobTemplate    struct {
+					Spec struct {
+						Template corev1.PodTemplateSpec `json:"template"`
+					} `json:"spec"`
+				} `json:"jobTemplate"`
+			} `json:"spec"`
+		}
+		if err := yaml.Unmarshal(b, &obj); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		containers := append(obj.Spec.Containers, obj.Spec.JobTemplate.Spec.Template.Spec.Containers...)
+		if len(containers) == 0 {
+			t.Fatalf("%s: no containers found", f)
+		}
+		for _, c := range containers {
+			refs = append(refs, c.Image)
+			if msg := imageProblem(c); msg != "" {
+				t.Errorf("%s: container %s: %s", f, c.Name, msg)
+			}
+		}
+	}
+	for _, r := range refs[1:] {
+		if r != refs[0] {
+			t.Errorf("the manifests run different images: %v", refs)
+		}
+	}
+}
+
+// imageProblem says what is wrong with a container's image reference, or "".
+func imageProblem(c corev1.Container) string {
+	name, digest, hasDigest := strings.Cut(c.Image, "@")
+	if hasDigest {
+		if !strings.HasPrefix(digest, "sha256:") || len(digest) != len("sha256:")+64 {
+			return "image " + c.Image + ": a digest must be sha256:<64 hex>"
+		}
+		return ""
+	}
+	i := strings.LastIndex(name, ":")
+	if i < 0 || strings.Contains(name[i:], "/") {
+		return "image " + c.Image + " has no tag: pin a release tag or a digest"
+	}
+	if tag := name[i+1:]; tag == "latest" || !strings.HasPrefix(tag, "v") {
+		return "image " + c.Image + ": tag " + tag + " is not a release version (vX.Y.Z); pin a release or a digest"
+	}
+	if c.ImagePullPolicy != corev1.PullIfNotPresent {
+		return "image " + c.Image + " by tag needs imagePullPolicy: IfNotPresent (got " + string(c.ImagePullPolicy) + ")"
+	}
+	return ""
+}
