@@ -27,7 +27,6 @@ const (
 // etcd data) after the test, to debug a failure.
 const EnvKeep = "KMS_E2E_KEEP"
 
-
 // Options shape a control plane. The zero value is one apiserver encrypting
 // secrets and configmaps with a fresh file keyset.
 type Options struct {
