@@ -85,6 +85,7 @@ func TestManifestsApply(t *testing.T) {
 	}
 
 	t.Run("Kustomize", func(t *testing.T) { testKustomize(ctx, t, k, filepath.Join(root, "manifests")) })
+	t.Run("RotationCronJob", func(t *testing.T) { testRotationCronJob(ctx, t, c, k, root) })
 }
 
 // testKustomize renders the kustomize base and applies it (dry-run), then
