@@ -13,61 +13,13 @@ import (
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
-	"go.etcd.io/etcd/server/v3/lease"
-	"go.etcd.io/etcd/server/v3/storage/backend"
 	"go.etcd.io/etcd/server/v3/storage/mvcc"
-	"go.uber.org/zap"
+
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout/snapshottest"
 )
 
-// etcdOp is one write to the store a test snapshot is made from.
-type etcdOp struct {
-	put    bool
-	key    string
-	value  string
-	remove bool
-}
-
-func put(key, value string) etcdOp { return etcdOp{put: true, key: key, value: value} }
-func del(key string) etcdOp         { return etcdOp{remove: true, key: key} }
-
-// writeSnapshot applies ops through etcd's own mvcc store and backend, and
-// writes a snapshot file the way etcd's maintenance API streams one to
-// `etcdctl snapshot save`: the bbolt database, then its sha256.
-func writeSnapshot(t *testing.T, ops ...etcdOp) string {
-	t.Helper()
-	dir := t.TempDir()
-	be := backend.NewDefaultBackend(zap.NewNop(), filepath.Join(dir, "member.db"))
-	s := mvcc.NewStore(zap.NewNop(), be, &lease.FakeLessor{}, mvcc.StoreConfig{})
-	for _, op := range ops {
-		switch {
-		case op.put:
-			s.Put([]byte(op.key), []byte(op.value), lease.NoLease)
-		case op.remove:
-			s.DeleteRange([]byte(op.key), nil)
-		}
-	}
-	be.ForceCommit()
-	var db bytes.Buffer
-	snap := be.Snapshot()
-	if _, err := snap.WriteTo(&db); err != nil {
-		t.Fatal(err)
-	}
-	snap.Close()
-	s.Close()
-	be.Close()
-	return writeWithDigest(t, dir, db.Bytes())
-}
-
-// writeWithDigest writes b followed by its sha256, as etcd does.
-func writeWithDigest(t *testing.T, dir string, b []byte) string {
-	t.Helper()
-	sum := sha256.Sum256(b)
-	path := filepath.Join(dir, "snapshot.db")
-	if err := os.WriteFile(path, append(bytes.Clone(b), sum[:]...), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return path
-}
+func put(key, value string) snapshottest.Op { return snapshottest.Put(key, []byte(value)) }
+func del(key string) snapshottest.Op        { return snapshottest.Delete(key) }
 
 func openSnapshot(t *testing.T, path string) *Snapshot {
 	t.Helper()
@@ -94,7 +46,7 @@ func scanAll(t *testing.T, s Store, prefix string, pageSize int64) []string {
 }
 
 func TestSnapshotReadsNewestLiveRevisions(t *testing.T) {
-	path := writeSnapshot(t,
+	path := snapshottest.Write(t,
 		put("/registry/secrets/ns/a", "a1"),
 		put("/registry/secrets/ns/b", "b1"),
 		put("/registry/secrets/ns/b", "b2"),
@@ -133,7 +85,7 @@ func TestSnapshotReadsNewestLiveRevisions(t *testing.T) {
 // TestSnapshotRefusesBadFiles checks every way a file can fail to be a
 // snapshot: each is ErrBadSnapshot in one line naming the file and the fix.
 func TestSnapshotRefusesBadFiles(t *testing.T) {
-	good := writeSnapshot(t, put("/registry/namespaces/kube-system", "ns"))
+	good := snapshottest.Write(t, put("/registry/namespaces/kube-system", "ns"))
 	goodBytes, err := os.ReadFile(good)
 	if err != nil {
 		t.Fatal(err)
@@ -156,7 +108,7 @@ func TestSnapshotRefusesBadFiles(t *testing.T) {
 		}, "does not match"},
 		{"raw database without digest", func(t *testing.T, dir string) string { return writeFile(t, dir, dbBytes) }, "no sha256 digest"},
 		{"random bytes", func(t *testing.T, dir string) string { return writeFile(t, dir, randomBytes(t, 8192+32)) }, "does not match"},
-		{"random bytes with a digest", func(t *testing.T, dir string) string { return writeWithDigest(t, dir, randomBytes(t, 8192)) }, "not a bbolt database"},
+		{"random bytes with a digest", func(t *testing.T, dir string) string { return snapshottest.WithDigest(t, dir, randomBytes(t, 8192)) }, "not a bbolt database"},
 		{"bbolt without the key bucket", func(t *testing.T, dir string) string { return boltFile(t, dir, "meta", nil, nil) }, `without etcd's "key" bucket`},
 		{"key bucket with a key that is no revision", func(t *testing.T, dir string) string {
 			return boltFile(t, dir, "key", []byte("not-a-revision"), []byte("x"))
@@ -224,5 +176,5 @@ func boltFile(t *testing.T, dir, bucket string, key, value []byte) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return writeWithDigest(t, dir, b)
+	return snapshottest.WithDigest(t, dir, b)
 }
