@@ -3,6 +3,7 @@ package rotation
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/kms-v2/kms-plugin/providers"
@@ -23,6 +24,10 @@ func (r *runner) retire(ctx context.Context, current string) error {
 		return fmt.Errorf("retire: %w", err)
 	}
 	old := olderEnabled(versions, current)
+	// Before any Disable, so a refusal leaves every version as it was.
+	if why := r.opts.KeepReadable.Blocker(r.retiring(old)); why != "" {
+		return r.refuse(why)
+	}
 	if len(old) == 0 {
 		r.say("retire: no enabled version older than the primary")
 		return r.retireDecryptOnly(ctx)
@@ -43,6 +48,17 @@ func (r *runner) retire(ctx context.Context, current string) error {
 		r.say("retire: disabled %s (no object in etcd uses it)", k)
 	}
 	return r.retireDecryptOnly(ctx)
+}
+
+// retiring reports whether retire may disable keyID: an old version of the
+// encrypting provider, or any version of a decrypt-only provider.
+func (r *runner) retiring(old []string) func(keyID string) bool {
+	return func(keyID string) bool {
+		if slices.Contains(old, keyID) {
+			return true
+		}
+		return slices.ContainsFunc(r.DecryptOnly, func(p DecryptOnly) bool { return p.Owns(keyID) })
+	}
 }
 
 func (r *runner) refuse(why string) error {

@@ -75,6 +75,10 @@ type Options struct {
 	IfOlderThan time.Duration
 	// Retire disables old versions once etcd proves nothing uses them.
 	Retire bool
+	// KeepReadable are etcd snapshots that must stay restorable: Retire
+	// refuses, before disabling anything, when one needs a version it
+	// would disable.
+	KeepReadable KeepReadable
 	// DryRun plans and counts, and changes nothing but kmsctl's canaries.
 	DryRun bool
 	// PropagationWait is how long to wait after creating a version before

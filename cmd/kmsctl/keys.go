@@ -15,6 +15,8 @@ import (
 	"github.com/kms-v2/kms-plugin/cmd/internal/output"
 	"github.com/kms-v2/kms-plugin/config"
 	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/rotation"
+	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
 // keysConfig is the --config and --provider flags every `kmsctl keys`
@@ -77,8 +79,7 @@ func keysCommand() *cobra.Command {
 		keysCreateCommand(k),
 		lifecycle("promote", "Make an enabled version the primary (plugins follow within their refresh interval)",
 			func(ctx context.Context, r providers.Rotator, id string) error { return r.Promote(ctx, id) }, k.withRotator),
-		lifecycle("disable", "Stop a non-primary version from decrypting (check `kmsctl census` first)",
-			func(ctx context.Context, r providers.Rotator, id string) error { return r.Disable(ctx, id) }, k.withRotator),
+		keysDisableCommand(k),
 		lifecycle("enable", "Let a disabled version decrypt again",
 			func(ctx context.Context, r providers.Rotator, id string) error { return r.Enable(ctx, id) }, k.withRotator),
 	)
@@ -162,6 +163,36 @@ func lifecycle(verb, short string, op func(context.Context, providers.Rotator, s
 			})
 		},
 	}
+}
+
+// keysDisableCommand is `kmsctl keys disable KEYID`, which refuses, before
+// it opens the provider, when a --keep-readable snapshot still needs KEYID.
+func keysDisableCommand(k *keysConfig) *cobra.Command {
+	var (
+		flags  keepReadable
+		prefix string
+		keep   rotation.KeepReadable
+	)
+	cmd := lifecycle("disable", "Stop a non-primary version from decrypting (check `kmsctl census` first)",
+		func(ctx context.Context, r providers.Rotator, id string) error {
+			if why := keep.Blocker(func(keyID string) bool { return keyID == id }); why != "" {
+				return &exitError{exitRetireRefused, fmt.Errorf("disable %s refused: %s", id, why)}
+			}
+			return r.Disable(ctx, id)
+		}, k.withRotator)
+	cmd.Long = `disable stops a non-primary key version from decrypting; objects
+still under it become unreadable, so check ` + "`kmsctl census`" + ` first.
+With --keep-readable it first reads each etcd snapshot offline (under
+--etcd-prefix) and refuses, with exit code 3 and the version unchanged,
+when any of them still needs KEYID.`
+	flags.register(cmd.Flags())
+	cmd.Flags().StringVar(&prefix, "etcd-prefix", etcdlayout.DefaultPrefix, "the apiserver's --etcd-prefix, where --keep-readable looks in each snapshot")
+	cmd.PreRunE = func(cmd *cobra.Command, _ []string) error {
+		var err error
+		keep, err = flags.read(cmd.Context(), prefix)
+		return err
+	}
+	return cmd
 }
 
 // listedVersion is one row of `keys list`: a version and its provider.

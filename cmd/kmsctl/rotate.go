@@ -54,6 +54,7 @@ type rotateFlags struct {
 	probeInterval         time.Duration
 	initialConcurrency    int
 	cpuProfile            string
+	keepReadable          keepReadable
 	hooks                 testHooks
 }
 
@@ -73,7 +74,9 @@ plugin can decrypt with it, promotes it, confirms every apiserver switched
 (metrics and a canary read back from etcd), rewrites every object of
 --resources with a resourceVersion-only patch, and counts in etcd until
 nothing is left. --retire then disables old versions, only if no object
-anywhere under the prefix still uses them. Nothing ever destroys a key.
+anywhere under the prefix still uses them and no etcd snapshot given with
+--keep-readable needs them (those are read before anything changes).
+Nothing ever destroys a key.
 
 Every step is derived from observed state (the provider's versions, a Lease in
 kube-system, etcd), so running it again after a crash finishes the job; a
@@ -105,6 +108,7 @@ func (f *rotateFlags) register(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.ifOlderThan, "if-older-than", 0, "rotate when the primary is older than this, e.g. 720h")
 	fs.BoolVar(&f.retire, "retire", false, "disable old key versions, and the versions of decrypt-only providers, once etcd proves nothing uses them")
 	fs.BoolVar(&f.keysetDistributed, "keyset-distributed", false, "the encrypting provider keeps keys per node (a keyset file, a TPM) and every node's copy is kept the same; without it a new version is refused on more than one apiserver")
+	f.keepReadable.register(fs)
 	fs.IntVar(&f.concurrency, "concurrency", 32, "most patches in flight; the actual number adapts to the apiserver's latency and 429s")
 	fs.BoolVar(&f.dryRun, "dry-run", false, "plan and count only; change nothing but kmsctl's own canaries")
 	output.Register(fs, &f.output)
@@ -151,6 +155,8 @@ func (f *rotateFlags) validate() error {
 		return fmt.Errorf("--propagation-wait %s: want 0 or more", f.propagationWait)
 	case f.leaseWait < 0:
 		return fmt.Errorf("--lease-wait %s: want 0 or more", f.leaseWait)
+	case len(f.keepReadable.paths) > 0 && !f.retire:
+		return errors.New("--keep-readable only guards --retire: add --retire, or drop --keep-readable")
 	}
 	return f.cluster.validate()
 }
@@ -207,6 +213,10 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 	if err != nil {
 		return nil, err
 	}
+	keep, err := f.keepReadable.read(ctx, f.cluster.prefix)
+	if err != nil {
+		return nil, err
+	}
 	restCfg, err := f.cluster.restConfig()
 	if err != nil {
 		return nil, err
@@ -248,6 +258,7 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 	if err != nil {
 		return nil, err
 	}
+	opts.KeepReadable = keep
 	opts.AfterPhase = f.hooks.afterPhase(ctx, r.Progress)
 	return r.Run(ctx, opts)
 }

@@ -48,6 +48,7 @@ func TestRotateFlagErrors(t *testing.T) {
 		{name: "remote metrics allowed", args: []string{"--config", "x.yaml", "--metrics-addr", ":9090", "--metrics-addr-allow-remote"}, want: "--etcd-endpoints is required"},
 		{name: "bad resource", args: []string{"--config", "x.yaml", "--resources", "deployments"}, want: "resource \"deployments\""},
 		{name: "zero concurrency", args: []string{"--config", "x.yaml", "--concurrency", "0"}, want: "at least 1"},
+		{name: "keep-readable without retire", args: []string{"--config", "x.yaml", "--keep-readable", "s.db"}, want: "--keep-readable only guards --retire"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
