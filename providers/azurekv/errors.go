@@ -35,7 +35,8 @@ const (
 //
 //	400 on unwrap          ErrInvalidCiphertext (not made by this version)
 //	400 otherwise          ErrInvalidInput
-//	401, 403               ErrPermissionDenied (ErrKeyDisabled when the key is disabled)
+//	401, 403               ErrPermissionDenied (ErrKeyDisabled when the key is disabled;
+//	                       with ForbiddenByRbac, naming the refused action and the roles)
 //	404                    ErrKeyNotFound
 //	408, 429, 5xx, network ErrUnavailable
 func classify(o op, target string, err error) error {
@@ -58,6 +59,8 @@ func classify(o op, target string, err error) error {
 		case (s == http.StatusForbidden || s == http.StatusUnauthorized) &&
 			(inner == "KeyDisabled" || strings.Contains(strings.ToLower(msg), "disabled key")):
 			return fmt.Errorf("%s: %w", detail, providers.ErrKeyDisabled)
+		case s == http.StatusForbidden && inner == "ForbiddenByRbac":
+			return fmt.Errorf("%s: %s: %w", detail, rbacHint(re), providers.ErrPermissionDenied)
 		case s == http.StatusUnauthorized || s == http.StatusForbidden:
 			return fmt.Errorf("%s: %w", detail, providers.ErrPermissionDenied)
 		case s == http.StatusNotFound:
@@ -133,6 +136,37 @@ func errorBody(re *azcore.ResponseError) (code, inner, msg string) {
 		inner = body.Error.InnerError.Code
 	}
 	return code, inner, strings.TrimSpace(firstLine(body.Error.Message))
+}
+
+// rbacHint says what a ForbiddenByRbac answer means and what to do: the
+// service names the refused data action on a later line of its message
+// ("Action: 'Microsoft.KeyVault/vaults/keys/create/action'"), which the
+// one-line error would otherwise drop.
+func rbacHint(re *azcore.ResponseError) string {
+	what := "this operation"
+	if b, err := payload(re); err == nil {
+		var body struct {
+			Error struct{ Message string } `json:"error"`
+		}
+		if json.Unmarshal(b, &body) == nil {
+			for _, line := range strings.Split(body.Error.Message, "\n") {
+				if a, ok := strings.CutPrefix(strings.TrimSpace(line), "Action:"); ok {
+					what = strings.Trim(strings.TrimSpace(a), "'")
+				}
+			}
+		}
+	}
+	return "this identity's Key Vault role does not grant " + what +
+		"; the plugin needs Key Vault Crypto Service Encryption User on the key, and creating, promoting or disabling versions needs Key Vault Crypto Officer" +
+		" (run kmsctl with its own identity's config, see docs/identities.md)"
+}
+
+// payload is the response body, or an error when there is no response.
+func payload(re *azcore.ResponseError) ([]byte, error) {
+	if re.RawResponse == nil {
+		return nil, errors.New("no response")
+	}
+	return runtime.Payload(re.RawResponse)
 }
 
 // retryAfter returns the delay a throttled or unavailable answer asked for.

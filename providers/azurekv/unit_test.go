@@ -187,6 +187,7 @@ func TestClassify(t *testing.T) {
 		{"BadRequest", opWrap, resp(400, `{"error":{"code":"BadParameter"}}`), providers.ErrInvalidInput},
 		{"Unauthorized", opGet, resp(401, ``), providers.ErrPermissionDenied},
 		{"Forbidden", opUnwrap, resp(403, `{"error":{"code":"Forbidden","message":"Access denied"}}`), providers.ErrPermissionDenied},
+		{"ForbiddenByRbac", opCreate, resp(403, `{"error":{"code":"Forbidden","message":"Caller is not authorized to perform action on resource.\r\nAction: 'Microsoft.KeyVault/vaults/keys/create/action'\r\n","innererror":{"code":"ForbiddenByRbac"}}}`), providers.ErrPermissionDenied},
 		{"Disabled", opUnwrap, resp(403, `{"error":{"code":"Forbidden","message":"x","innererror":{"code":"KeyDisabled"}}}`), providers.ErrKeyDisabled},
 		{"NotFound", opGet, resp(404, `{"error":{"code":"KeyNotFound"}}`), providers.ErrKeyNotFound},
 		{"Throttled", opUnwrap, resp(429, ``), providers.ErrUnavailable},
@@ -204,6 +205,27 @@ func TestClassify(t *testing.T) {
 				t.Fatalf("classify error spans lines: %q", got)
 			}
 		})
+	}
+}
+
+// TestClassifyForbiddenByRbac: a role that lacks an operation yields one
+// line that names the refused data action and the roles each side needs,
+// so `kmsctl keys create` run with the plugin's identity says what to do.
+func TestClassifyForbiddenByRbac(t *testing.T) {
+	body := `{"error":{"code":"Forbidden","message":"Caller is not authorized to perform action on resource.\r\nIf role assignments changed recently, please observe propagation time.\r\nCaller: appid=p\r\nAction: 'Microsoft.KeyVault/vaults/keys/update/action'\r\n","innererror":{"code":"ForbiddenByRbac"}}}`
+	r := &http.Response{StatusCode: 403, Status: "Forbidden", Header: http.Header{}, Body: nopBody(body), Request: &http.Request{Method: "PATCH"}}
+	got := classify(opUpdate, "k/v", &azcore.ResponseError{StatusCode: 403, RawResponse: r}).Error()
+	for _, want := range []string{"HTTP 403 Forbidden", "does not grant Microsoft.KeyVault/vaults/keys/update/action", "Key Vault Crypto Officer", "Key Vault Crypto Service Encryption User"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("classify = %q, want it to contain %q", got, want)
+		}
+	}
+	if strings.ContainsAny(got, "\r\n") {
+		t.Errorf("classify error spans lines: %q", got)
+	}
+	noResp := classify(opUpdate, "k/v", &azcore.ResponseError{StatusCode: 403})
+	if !errors.Is(noResp, providers.ErrPermissionDenied) {
+		t.Errorf("403 without a response: %v, want ErrPermissionDenied", noResp)
 	}
 }
 

@@ -67,6 +67,9 @@ type Options struct {
 	TenantID string
 	// Clients maps client IDs to client secrets the token endpoint accepts.
 	Clients map[string]string
+	// Roles maps client IDs to their role on every key; a client without
+	// one is a RoleCryptoOfficer, allowed everything the emulator serves.
+	Roles map[string]Role
 	// KeySize of generated RSA keys when a create request names none;
 	// default 2048.
 	KeySize int
@@ -74,6 +77,42 @@ type Options struct {
 	RecoveryLevel string
 	// TokenLifetime of issued access tokens; default one hour.
 	TokenLifetime time.Duration
+}
+
+// Role is a client's Key Vault RBAC role, modelled on Azure's built-in
+// ones, so tests can prove an identity cannot do what its role forbids:
+// the plugin's identity needs only RoleCryptoServiceEncryptionUser, and
+// only kmsctl's identity may create or change versions.
+type Role string
+
+const (
+	// RoleCryptoOfficer is "Key Vault Crypto Officer": every key operation
+	// the emulator serves (get, list, create, update, rotate, wrap, unwrap).
+	RoleCryptoOfficer Role = "cryptoOfficer"
+	// RoleCryptoServiceEncryptionUser is "Key Vault Crypto Service
+	// Encryption User": read key metadata (get, list versions), wrapKey and
+	// unwrapKey; nothing that creates or changes a version.
+	RoleCryptoServiceEncryptionUser Role = "cryptoServiceEncryptionUser"
+)
+
+// ParseRole reads a role name as the CLI takes it.
+func ParseRole(s string) (Role, error) {
+	switch r := Role(s); r {
+	case RoleCryptoOfficer, RoleCryptoServiceEncryptionUser:
+		return r, nil
+	}
+	return "", fmt.Errorf("role %q: want %s or %s", s, RoleCryptoOfficer, RoleCryptoServiceEncryptionUser)
+}
+
+// allows reports whether the role grants the data action, as Azure RBAC
+// decides it (Microsoft.KeyVault/vaults/keys/<action>).
+func (r Role) allows(a action) bool {
+	switch r {
+	case RoleCryptoServiceEncryptionUser:
+		return a == actionRead || a == actionWrap || a == actionUnwrap
+	default:
+		return true
+	}
 }
 
 // Outage modes for SetOutage.
@@ -123,7 +162,8 @@ type Emulator struct {
 	mu       sync.Mutex
 	keys     map[string]*key
 	clients  map[string]string
-	tokens   map[string]time.Time
+	roles    map[string]Role
+	tokens   map[string]grant
 	lastTime time.Time
 
 	latency    atomic.Int64 // time.Duration
@@ -133,6 +173,13 @@ type Emulator struct {
 	throttleRA atomic.Int64 // time.Duration
 
 	requests, throttled, wraps, unwraps, gets, lists, creates, updates, rotates, tokenCount atomic.Int64
+}
+
+// grant is an issued access token: whose it is, so every Key Vault request
+// is checked against that client's role, and until when it is valid.
+type grant struct {
+	client  string
+	expires time.Time
 }
 
 type key struct {
@@ -190,10 +237,14 @@ func Start(opts Options) (*Emulator, error) {
 		listener: ln,
 		keys:     map[string]*key{},
 		clients:  map[string]string{},
-		tokens:   map[string]time.Time{},
+		roles:    map[string]Role{},
+		tokens:   map[string]grant{},
 	}
 	for id, secret := range opts.Clients {
 		e.clients[id] = secret
+	}
+	for id, role := range opts.Roles {
+		e.roles[id] = role
 	}
 	if opts.Dir != "" {
 		e.CAFile = filepath.Join(opts.Dir, "ca.pem")
@@ -230,12 +281,30 @@ func (e *Emulator) AddClient(id, secret string) {
 	e.clients[id] = secret
 }
 
+// AddClientWithRole registers a client like AddClient, with its role on
+// every key; the role applies at once, also to tokens already issued, as a
+// role assignment change does in Azure (minus the propagation delay).
+func (e *Emulator) AddClientWithRole(id, secret string, role Role) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.clients[id] = secret
+	e.roles[id] = role
+}
+
+// role is the client's role; default RoleCryptoOfficer. Callers hold e.mu.
+func (e *Emulator) role(client string) Role {
+	if r, ok := e.roles[client]; ok {
+		return r
+	}
+	return RoleCryptoOfficer
+}
+
 // RevokeTokens forgets every issued token, so the next Key Vault request
 // is challenged again (as after token expiry).
 func (e *Emulator) RevokeTokens() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.tokens = map[string]time.Time{}
+	e.tokens = map[string]grant{}
 }
 
 // SetLatency delays every Key Vault request by d (0 turns it off).

@@ -149,3 +149,115 @@ func TestWire(t *testing.T) {
 		t.Errorf("counts %+v, want 1 throttled and at least 2 tokens", c)
 	}
 }
+
+// TestRoles pins the per-client roles: a Crypto Service Encryption User
+// reads, wraps and unwraps but is refused (403 ForbiddenByRbac, naming the
+// data action) everything that creates or changes a version; a Crypto
+// Officer, and a client registered without a role, may do everything.
+func TestRoles(t *testing.T) {
+	e, err := Start(Options{
+		Clients: map[string]string{"user": "su", "legacy": "sl"},
+		Roles:   map[string]Role{"user": RoleCryptoServiceEncryptionUser},
+		KeySize: fipstest.RSABits(1024),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	e.AddClientWithRole("officer", "so", RoleCryptoOfficer)
+	kid, err := e.CreateKey("k", KeyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ver := kid[strings.LastIndex(kid, "/")+1:]
+	c := roleClient{t: t, e: e, hc: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.CAPool}}}}
+	user, officer, legacy := c.token("user", "su"), c.token("officer", "so"), c.token("legacy", "sl")
+	wrapped := c.want(user, "POST", "keys/k/"+ver+"/wrapkey", `{"alg":"RSA-OAEP-256","value":"AAAA"}`, 200)
+	var w struct{ Value string }
+	_ = json.Unmarshal(wrapped, &w)
+	allowed := []struct{ method, path, body string }{
+		{"GET", "keys/k", ""},
+		{"GET", "keys/k/" + ver, ""},
+		{"GET", "keys/k/versions", ""},
+		{"POST", "keys/k/" + ver + "/unwrapkey", `{"alg":"RSA-OAEP-256","value":"` + w.Value + `"}`},
+	}
+	for _, r := range allowed {
+		c.want(user, r.method, r.path, r.body, 200)
+	}
+	refused := []struct{ method, path, body, action string }{
+		{"POST", "keys/k/create", `{"kty":"RSA"}`, "Microsoft.KeyVault/vaults/keys/create/action"},
+		{"PATCH", "keys/k/" + ver, `{"tags":{"a":"b"}}`, "Microsoft.KeyVault/vaults/keys/update/action"},
+		{"POST", "keys/k/rotate", "", "Microsoft.KeyVault/vaults/keys/rotate/action"},
+	}
+	before := e.Counts()
+	for _, r := range refused {
+		body := c.want(user, r.method, r.path, r.body, http.StatusForbidden)
+		var out struct {
+			Error struct {
+				Code, Message string
+				InnerError    struct{ Code string }
+			}
+		}
+		_ = json.Unmarshal(body, &out)
+		if out.Error.Code != "Forbidden" || out.Error.InnerError.Code != "ForbiddenByRbac" ||
+			!strings.Contains(out.Error.Message, "Action: '"+r.action+"'") || !strings.Contains(out.Error.Message, "appid=user") {
+			t.Errorf("%s %s as the encryption user: got %+v, want Forbidden/ForbiddenByRbac naming %s", r.method, r.path, out.Error, r.action)
+		}
+	}
+	if got := e.Counts(); got.Create != before.Create || got.Update != before.Update || got.Rotate != before.Rotate {
+		t.Errorf("refused operations reached the key: counts %+v, before %+v", got, before)
+	}
+	for _, tok := range []string{officer, legacy} {
+		for _, r := range refused {
+			c.want(tok, r.method, r.path, r.body, 200)
+		}
+	}
+	// A role change applies to tokens already issued.
+	e.AddClientWithRole("user", "su", RoleCryptoOfficer)
+	c.want(user, "POST", "keys/k/create", `{"kty":"RSA"}`, 200)
+}
+
+// roleClient calls the emulator over HTTPS as one of its clients.
+type roleClient struct {
+	t  *testing.T
+	e  *Emulator
+	hc *http.Client
+}
+
+// token gets an access token with the client-credentials grant.
+func (c roleClient) token(id, secret string) string {
+	c.t.Helper()
+	form := url.Values{"grant_type": {"client_credentials"}, "client_id": {id}, "client_secret": {secret},
+		"scope": {DefaultResource + "/.default"}}
+	resp, err := c.hc.Post(c.e.URL+c.e.TenantID+"/oauth2/v2.0/token", "application/x-www-form-urlencoded", strings.NewReader(form.Encode()))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		AccessToken string `json:"access_token"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || out.AccessToken == "" {
+		c.t.Fatalf("token for %s: HTTP %d, %v", id, resp.StatusCode, err)
+	}
+	return out.AccessToken
+}
+
+// want sends one Key Vault request and fails unless it gets status; it
+// returns the body.
+func (c roleClient) want(token, method, path, body string, status int) []byte {
+	c.t.Helper()
+	req, _ := http.NewRequest(method, c.e.URL+path+"?api-version=7.5", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != status {
+		c.t.Fatalf("%s %s: got %d %s, want %d", method, path, resp.StatusCode, b, status)
+	}
+	return b
+}

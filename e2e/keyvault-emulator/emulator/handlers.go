@@ -90,7 +90,7 @@ func (e *Emulator) serveToken(w http.ResponseWriter, r *http.Request, tenant str
 	_, _ = rand.Read(b)
 	tok := hex.EncodeToString(b)
 	e.mu.Lock()
-	e.tokens[tok] = time.Now().Add(e.opts.TokenLifetime)
+	e.tokens[tok] = grant{client: id, expires: time.Now().Add(e.opts.TokenLifetime)}
 	e.mu.Unlock()
 	e.tokenCount.Add(1)
 	secs := int(e.opts.TokenLifetime / time.Second)
@@ -104,15 +104,20 @@ func (e *Emulator) serveToken(w http.ResponseWriter, r *http.Request, tenant str
 // service-account token.
 func (e *Emulator) AddFederatedToken(clientID, token string) { e.AddClient(clientID, token) }
 
-func (e *Emulator) authorized(r *http.Request) bool {
+// authorized returns the client a request's bearer token was issued to,
+// or false when it has no valid token.
+func (e *Emulator) authorized(r *http.Request) (client string, ok bool) {
 	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok {
-		return false
+		return "", false
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	exp, ok := e.tokens[tok]
-	return ok && time.Now().Before(exp)
+	g, ok := e.tokens[tok]
+	if !ok || !time.Now().Before(g.expires) {
+		return "", false
+	}
+	return g.client, true
 }
 
 func (e *Emulator) serveVault(w http.ResponseWriter, r *http.Request, p []string) {
@@ -145,13 +150,14 @@ func (e *Emulator) serveVault(w http.ResponseWriter, r *http.Request, p []string
 		writeError(w, http.StatusTooManyRequests, "Throttled", "Request was not processed because too many requests were received.", "")
 		return
 	}
-	if !e.authorized(r) {
+	client, ok := e.authorized(r)
+	if !ok {
 		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer authorization="%s%s", resource="%s"`, e.URL, e.TenantID, DefaultResource))
 		writeError(w, http.StatusUnauthorized, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.", "")
 		return
 	}
 	if e.revoked.Load() {
-		writeError(w, http.StatusForbidden, "Forbidden", "Caller is not authorized to perform action on resource. (access revoked in the emulator)", "ForbiddenByRbac")
+		writeForbiddenByRbac(w, " (access revoked in the emulator)")
 		return
 	}
 	if r.URL.Query().Get("api-version") == "" {
@@ -167,17 +173,99 @@ func (e *Emulator) serveVault(w http.ResponseWriter, r *http.Request, p []string
 	if len(rest) > 0 && rest[len(rest)-1] == "" {
 		rest = rest[:len(rest)-1]
 	}
+	o, ok := route(r.Method, rest)
+	if !ok {
+		writeError(w, http.StatusNotFound, "NotFound", "no such operation in the emulator: "+r.Method+" "+r.URL.Path, "")
+		return
+	}
+	if !e.allowed(client, o.action()) {
+		writeForbiddenByRbac(w, "", "Caller: appid="+client, "Action: '"+string(o.action())+"'",
+			"Resource: 'keys/"+name+"'", "Assignment: (not found)", "DecisionReason: 'DeniedWithNoValidRBAC'")
+		return
+	}
+	e.dispatch(w, r, o, name, rest)
+}
+
+// operation is one Key Vault key operation the emulator serves.
+type operation int
+
+const (
+	opGet operation = iota
+	opList
+	opCreate
+	opRotate
+	opUpdate
+	opWrap
+	opUnwrap
+)
+
+// action is an Azure RBAC data action on keys, as the service names it in
+// a ForbiddenByRbac answer.
+type action string
+
+const (
+	actionRead   action = "Microsoft.KeyVault/vaults/keys/read"
+	actionCreate action = "Microsoft.KeyVault/vaults/keys/create/action"
+	actionUpdate action = "Microsoft.KeyVault/vaults/keys/update/action"
+	actionRotate action = "Microsoft.KeyVault/vaults/keys/rotate/action"
+	actionWrap   action = "Microsoft.KeyVault/vaults/keys/wrap/action"
+	actionUnwrap action = "Microsoft.KeyVault/vaults/keys/unwrap/action"
+)
+
+// action is the data action a role must grant for o.
+func (o operation) action() action {
+	return [...]action{opGet: actionRead, opList: actionRead, opCreate: actionCreate, opRotate: actionRotate,
+		opUpdate: actionUpdate, opWrap: actionWrap, opUnwrap: actionUnwrap}[o]
+}
+
+// route names the operation of a request on /keys/{name}/rest..., or
+// false when the emulator serves no such operation.
+func route(method string, rest []string) (operation, bool) {
 	switch {
-	case len(rest) == 0 && r.Method == http.MethodGet:
+	case len(rest) == 0 && method == http.MethodGet:
+		return opGet, true
+	case len(rest) == 1 && rest[0] == "versions" && method == http.MethodGet:
+		return opList, true
+	case len(rest) == 1 && rest[0] == "create" && method == http.MethodPost:
+		return opCreate, true
+	case len(rest) == 1 && rest[0] == "rotate" && method == http.MethodPost:
+		return opRotate, true
+	case len(rest) == 1 && method == http.MethodGet:
+		return opGet, true
+	case len(rest) == 1 && method == http.MethodPatch:
+		return opUpdate, true
+	case len(rest) == 2 && rest[1] == "wrapkey" && method == http.MethodPost:
+		return opWrap, true
+	case len(rest) == 2 && rest[1] == "unwrapkey" && method == http.MethodPost:
+		return opUnwrap, true
+	}
+	return 0, false
+}
+
+// allowed reports whether client's role grants a.
+func (e *Emulator) allowed(client string, a action) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.role(client).allows(a)
+}
+
+// dispatch runs an authorized operation and counts it.
+func (e *Emulator) dispatch(w http.ResponseWriter, r *http.Request, o operation, name string, rest []string) {
+	switch o {
+	case opGet:
 		e.gets.Add(1)
-		e.getKey(w, name, "")
-	case len(rest) == 1 && rest[0] == "versions" && r.Method == http.MethodGet:
+		ver := ""
+		if len(rest) == 1 {
+			ver = rest[0]
+		}
+		e.getKey(w, name, ver)
+	case opList:
 		e.lists.Add(1)
 		e.listVersions(w, r, name)
-	case len(rest) == 1 && rest[0] == "create" && r.Method == http.MethodPost:
+	case opCreate:
 		e.creates.Add(1)
 		e.createKey(w, r, name)
-	case len(rest) == 1 && rest[0] == "rotate" && r.Method == http.MethodPost:
+	case opRotate:
 		e.rotates.Add(1)
 		v, err := e.rotate(name)
 		if err != nil {
@@ -185,20 +273,15 @@ func (e *Emulator) serveVault(w http.ResponseWriter, r *http.Request, p []string
 			return
 		}
 		e.writeBundle(w, name, v)
-	case len(rest) == 1 && r.Method == http.MethodGet:
-		e.gets.Add(1)
-		e.getKey(w, name, rest[0])
-	case len(rest) == 1 && r.Method == http.MethodPatch:
+	case opUpdate:
 		e.updates.Add(1)
 		e.updateKey(w, r, name, rest[0])
-	case len(rest) == 2 && rest[1] == "wrapkey" && r.Method == http.MethodPost:
+	case opWrap:
 		e.wraps.Add(1)
 		e.keyOp(w, r, name, rest[0], "wrapKey")
-	case len(rest) == 2 && rest[1] == "unwrapkey" && r.Method == http.MethodPost:
+	case opUnwrap:
 		e.unwraps.Add(1)
 		e.keyOp(w, r, name, rest[0], "unwrapKey")
-	default:
-		writeError(w, http.StatusNotFound, "NotFound", "no such operation in the emulator: "+r.Method+" "+r.URL.Path, "")
 	}
 }
 
@@ -449,6 +532,20 @@ func decodeB64URL(s string) ([]byte, error) {
 
 func writeNotFound(w http.ResponseWriter, name string) {
 	writeError(w, http.StatusNotFound, "KeyNotFound", "A key with (name/id) "+name+" was not found in this key vault.", "")
+}
+
+// writeForbiddenByRbac answers 403 as Key Vault does when the caller's
+// token is valid but no role assignment grants the action: code Forbidden,
+// inner code ForbiddenByRbac, and a message whose first line is the
+// service's (plus note), followed, when given, by the detail lines the
+// service sends (Caller, Action, Resource, decision), separated by CRLF.
+func writeForbiddenByRbac(w http.ResponseWriter, note string, detail ...string) {
+	msg := "Caller is not authorized to perform action on resource." + note
+	if len(detail) > 0 {
+		lines := append([]string{msg, "If role assignments, deny assignments or role definitions were changed recently, please observe propagation time."}, detail...)
+		msg = strings.Join(lines, "\r\n") + "\r\n"
+	}
+	writeError(w, http.StatusForbidden, "Forbidden", msg, "ForbiddenByRbac")
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg, inner string) {
