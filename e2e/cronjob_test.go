@@ -4,8 +4,10 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -75,6 +77,7 @@ func testRotationCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, 
 	if err != nil {
 		t.Fatalf("kubectl create token %s: %v\n%s", cj.spec.ServiceAccountName, err, token)
 	}
+	checkFlowSchema(ctx, t, c, k, root, strings.TrimSpace(token))
 	host := nodeFiles(t, c, root)
 	before, err := c.PrimaryKeyID()
 	if err != nil {
@@ -263,4 +266,40 @@ func shellQuote(args []string) string {
 		q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
 	}
 	return strings.Join(q, " ")
+}
+
+// checkFlowSchema applies the shipped API Priority and Fairness objects
+// for real and checks that a request made with the rotation's
+// ServiceAccount token is classified by the shipped FlowSchema: the
+// apiserver names the matching FlowSchema's uid in
+// X-Kubernetes-PF-FlowSchema-UID on every response.
+func checkFlowSchema(ctx context.Context, t *testing.T, c *harness.Cluster, k kubectl, root, token string) {
+	t.Helper()
+	file := filepath.Join(root, "manifests/rotation-flowcontrol.yaml")
+	if out, err := k.run(ctx, nil, "apply", "--server-side", "-f", file); err != nil {
+		t.Fatalf("apply manifests/rotation-flowcontrol.yaml: %v\n%s", err, out)
+	}
+	uid, err := k.run(ctx, nil, "get", "flowschema", "kmsctl-rotate", "-o", "jsonpath={.metadata.uid}")
+	if err != nil || uid == "" {
+		t.Fatalf("the shipped FlowSchema kmsctl-rotate: %v\n%s", err, uid)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.APIServers[0].URL+"/api/v1/namespaces/kube-system/secrets?limit=1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} // loopback, self-signed
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("list secrets as the rotation ServiceAccount: %s (the shipped RBAC allows it)", resp.Status)
+	}
+	if got := resp.Header.Get("X-Kubernetes-PF-FlowSchema-UID"); got != uid {
+		t.Errorf("the rotation ServiceAccount's request matched FlowSchema uid %q, want the shipped kmsctl-rotate (%s)", got, uid)
+	}
 }

@@ -39,7 +39,7 @@ var notAPIObjects = []string{"EncryptionConfiguration", "ClusterConfiguration", 
 // requiredKinds must each appear among the objects applied, so a file that
 // was moved or stopped parsing as an object fails here instead of being
 // skipped.
-var requiredKinds = []string{"Pod", "CronJob", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "PrometheusRule", "PodMonitor"}
+var requiredKinds = []string{"Pod", "CronJob", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "PrometheusRule", "PodMonitor", "FlowSchema", "PriorityLevelConfiguration"}
 
 // TestManifestsApply applies every Kubernetes object in manifests/ with a
 // server-side dry-run to the real kube-apiserver (dryRun=All: admission,
