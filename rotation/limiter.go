@@ -28,6 +28,7 @@ import (
 // Tolerance times that. Safe for concurrent use.
 type Limiter struct {
 	min, max  float64
+	floor     float64
 	tolerance float64
 	now       func() time.Time
 
@@ -65,6 +66,16 @@ const (
 type LimiterConfig struct {
 	// Min and Max bound the concurrency (defaults 1 and 32).
 	Min, Max int
+	// Floor is the lowest limit latency alone may set (default min(2,
+	// Max)); only a 429, API Priority and Fairness's own signal, takes
+	// it lower, down to Min. On a control plane slowed by something else
+	// (a neighbour's build, a busy etcd) rising latency would otherwise
+	// drive the rewrite to one patch at a time, slower than the serial
+	// `kubectl get | kubectl replace` an operator could run instead: two
+	// patches in flight keep at least that rate, and under the shipped
+	// FlowSchema they wait in the rotation's own priority level, not in
+	// other clients' queues.
+	Floor int
 	// Initial is the starting concurrency (default min(4, Max)).
 	Initial int
 	// Tolerance is how many times the baseline latency (the probe's on the
@@ -88,11 +99,15 @@ func NewLimiter(cfg LimiterConfig) *Limiter {
 		cfg.Initial = min(4, cfg.Max)
 	}
 	cfg.Initial = max(cfg.Min, min(cfg.Initial, cfg.Max))
+	if cfg.Floor <= 0 {
+		cfg.Floor = 2
+	}
+	cfg.Floor = max(cfg.Min, min(cfg.Floor, cfg.Max))
 	if cfg.Tolerance <= 1 {
 		cfg.Tolerance = 2
 	}
 	return &Limiter{
-		min: float64(cfg.Min), max: float64(cfg.Max), tolerance: cfg.Tolerance,
+		min: float64(cfg.Min), max: float64(cfg.Max), floor: float64(cfg.Floor), tolerance: cfg.Tolerance,
 		now: time.Now, changed: make(chan struct{}), limit: float64(cfg.Initial),
 	}
 }
@@ -168,7 +183,7 @@ func (l *Limiter) observe(lat float64) {
 		// Decrease at most once per latency window, so one slow burst does
 		// not collapse the limit.
 		if now.Sub(l.lastDecrease) > time.Duration(l.ewma*float64(time.Second))+50*time.Millisecond {
-			l.limit = max(l.min, l.limit*0.7)
+			l.limit = max(min(l.floor, l.limit), l.limit*0.7)
 			l.lastDecrease = now
 		}
 		return
@@ -215,7 +230,7 @@ func (l *Limiter) ObserveProbe(latency time.Duration) {
 	now := l.now()
 	if l.probeEWMA > l.tolerance*l.probeBase {
 		if now.Sub(l.lastDecrease) >= probeDecreaseGap {
-			l.limit = max(l.min, l.limit*0.7)
+			l.limit = max(min(l.floor, l.limit), l.limit*0.7)
 			l.lastDecrease = now
 		}
 	} else {

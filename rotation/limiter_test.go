@@ -159,8 +159,8 @@ func TestLimiterProbe(t *testing.T) {
 					c.advance(time.Second)
 					l.ObserveProbe(10 * idle)
 				}
-				if got := l.Stats().Limit; got != 1 {
-					panic("limit under load: " + strconv.Itoa(got))
+				if got := l.Stats().Limit; got != 2 {
+					panic("limit under load: " + strconv.Itoa(got) + ", want the floor 2")
 				}
 				for range 1000 {
 					c.advance(50 * time.Millisecond)
@@ -195,5 +195,44 @@ func TestLimiterProbeNeedsBaseline(t *testing.T) {
 	l.SetProbeBaseline(0)
 	if l.HasProbeBaseline() {
 		t.Error("HasProbeBaseline after SetProbeBaseline(0): got true, want false")
+	}
+}
+
+// TestLimiterKeepsSerialRate: latency that stays high, whatever causes it,
+// never takes the rewrite below two patches in flight, so it keeps at least
+// the rate of the serial kubectl method; a 429 (APF's signal) still takes it
+// to one and pauses it.
+func TestLimiterKeepsSerialRate(t *testing.T) {
+	const idle = 2 * time.Millisecond
+	c := &fakeClock{t: time.Unix(1e9, 0)}
+	l := NewLimiter(LimiterConfig{Max: 32, Initial: 16, Tolerance: 2})
+	l.now = c.now
+	l.SetProbeBaseline(idle)
+	for range 200 {
+		c.advance(time.Second)
+		l.ObserveProbe(50 * idle)
+		l.inFlight++
+		l.Release(time.Second, true) // slow patches too
+	}
+	ctx := context.Background()
+	for i := range 2 {
+		short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		err := l.Acquire(short)
+		cancel()
+		if err != nil {
+			t.Fatalf("patch %d of 2 under a high probe latency: no slot (limit %d); the rewrite fell below two in flight", i+1, l.Stats().Limit)
+		}
+	}
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := l.Acquire(short); err == nil {
+		t.Fatalf("a third patch under a high probe latency got a slot (limit %d), want the floor of 2", l.Stats().Limit)
+	}
+	l.Release(time.Second, true)
+	l.Release(time.Second, true)
+	c.advance(time.Second)
+	l.Throttled(time.Millisecond)
+	if got := l.Stats().Limit; got != 1 {
+		t.Errorf("after a 429 at the floor: limit %d, want 1 (a 429 may go below the floor)", got)
 	}
 }
