@@ -5,6 +5,10 @@ import (
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+
+	"github.com/kms-v2/kms-plugin/providers"
+	"github.com/kms-v2/kms-plugin/providers/multi"
 )
 
 // Metrics are the plugin's Prometheus collectors. Labels carry methods,
@@ -23,6 +27,8 @@ type Metrics struct {
 	socketLost      prometheus.Counter
 	peersRefused    prometheus.Counter
 	fips140Enabled  prometheus.Gauge
+	buildInfo       *prometheus.GaugeVec
+	reporters       *reporterCollector
 
 	mu             sync.Mutex
 	currentPrimary string
@@ -85,18 +91,96 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kms_plugin_fips140_enabled",
 			Help: "1 when the Go cryptography runs in FIPS 140-3 mode (crypto/fips140.Enabled: GODEBUG fips140=on or only, the default in a GOFIPS140 build), else 0.",
 		}),
+		buildInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kms_plugin_build_info",
+			Help: "1, labelled with the running binary's version, commit, Go version and FIPS 140-3 mode (off, on or only), as `kms-plugin version` prints them.",
+		}, []string{"version", "commit", "goversion", "fips140"}),
+		reporters: &reporterCollector{},
 	}
 	// Fixed for the life of the process: the mode cannot change after start.
 	if fips140.Enabled() {
 		m.fips140Enabled.Set(1)
 	}
-	// Present from the start, so an alert on its rate has a series.
-	m.logsDropped.WithLabelValues(reasonRateLimited)
+	m.initRequests()
 	if reg != nil {
 		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy,
-			m.logsDropped, m.healthBindErrs, m.socketLost, m.peersRefused, m.fips140Enabled)
+			m.logsDropped, m.healthBindErrs, m.socketLost, m.peersRefused, m.fips140Enabled, m.buildInfo, m.reporters)
 	}
 	return m
+}
+
+// SetBuildInfo sets kms_plugin_build_info; the binary calls it once at
+// start with what `version` prints (the plugin package cannot read the
+// release stamp itself).
+func (m *Metrics) SetBuildInfo(version, commit, goVersion, fipsMode string) {
+	m.buildInfo.Reset()
+	m.buildInfo.WithLabelValues(version, commit, goVersion, fipsMode).Set(1)
+}
+
+// Methods are the KMS v2 methods, as requests are labelled.
+var methods = []string{"Status", "Encrypt", "Decrypt"}
+
+// requestCodes are the gRPC codes a request can end with: OK, every code
+// classify maps a provider error to, InvalidArgument for a malformed
+// request and ResourceExhausted for one gRPC refuses as too large.
+var requestCodes = []codes.Code{
+	codes.OK, codes.InvalidArgument, codes.NotFound, codes.FailedPrecondition, codes.PermissionDenied,
+	codes.Unavailable, codes.DeadlineExceeded, codes.Canceled, codes.ResourceExhausted, codes.Internal,
+}
+
+// initRequests creates every request series at 0, so rate() and alerts
+// on a code that has not happened yet have a series from the first scrape
+// (a series that appears at its first increment loses that increment to
+// rate()).
+func (m *Metrics) initRequests() {
+	for _, method := range methods {
+		m.requestDuration.WithLabelValues(method)
+		for _, c := range requestCodes {
+			m.requests.WithLabelValues(method, c.String())
+		}
+	}
+	m.logsDropped.WithLabelValues(reasonRateLimited)
+}
+
+// Operations are the calls into a provider, as its metrics label them.
+const (
+	opEncrypt = "encrypt"
+	opDecrypt = "decrypt"
+	opCheck   = "check"
+	opRefresh = "refresh"
+)
+
+// watch starts exporting entries' own stats (see reporterCollector) and
+// creates their series at 0, as initRequests does for requests: every
+// operation each entry can be asked for, with every error class, and its
+// health and reload results.
+func (m *Metrics) watch(entries []multi.Entry) {
+	m.reporters.entries.Store(&entries)
+	for i, e := range entries {
+		ops := []string{opDecrypt, opCheck}
+		if i == 0 {
+			ops = append(ops, opEncrypt)
+		}
+		if _, ok := e.Provider.(providers.Refresher); ok {
+			ops = append(ops, opRefresh)
+			m.reloads.WithLabelValues(e.Name, "ok")
+			m.reloads.WithLabelValues(e.Name, "error")
+		}
+		m.initOps(e.Name, ops)
+		m.providerHealthy.WithLabelValues(e.Name)
+	}
+	// A Decrypt whose key_id no provider owns.
+	m.initOps(unrouted, []string{opDecrypt})
+}
+
+// initOps creates provider's operation and error series at 0.
+func (m *Metrics) initOps(provider string, ops []string) {
+	for _, op := range ops {
+		m.providerOps.WithLabelValues(provider, op)
+		for _, class := range errorClasses {
+			m.providerErrors.WithLabelValues(provider, op, class)
+		}
+	}
 }
 
 // reasonRateLimited labels log lines dropped by a request log budget.

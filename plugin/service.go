@@ -109,6 +109,7 @@ func New(opts Options) (*Service, error) {
 		opts.CheckTimeout = 5 * time.Second
 	}
 	s := &Service{opts: opts, p: router, log: opts.Logger, m: opts.Metrics}
+	s.m.watch(opts.Entries)
 	dropped := s.m.logsDropped.WithLabelValues(reasonRateLimited)
 	s.clientLogs = newLogBudget(clientLogRate, clientLogBurst, dropped)
 	s.failureLogs = newLogBudget(failureLogRate, failureLogBurst, dropped)
@@ -194,7 +195,7 @@ func (s *Service) Encrypt(ctx context.Context, req *kmsapi.EncryptRequest) (*kms
 	}
 	start := time.Now()
 	sealed, err := s.p.Encrypt(ctx, req.GetPlaintext())
-	s.observe(s.p.Encrypter().Name, "encrypt", start, err)
+	s.observe(s.p.Encrypter().Name, opEncrypt, start, err)
 	if err != nil {
 		return nil, grpcError("encrypt", err)
 	}
@@ -226,11 +227,11 @@ func (s *Service) Decrypt(ctx context.Context, req *kmsapi.DecryptRequest) (*kms
 	start := time.Now()
 	e, err := s.p.Route(req.GetKeyId())
 	if err != nil {
-		s.observe(unrouted, "decrypt", start, err)
+		s.observe(unrouted, opDecrypt, start, err)
 		return nil, grpcError("decrypt", err)
 	}
 	pt, err := e.Provider.Decrypt(ctx, providers.Sealed{KeyID: req.GetKeyId(), Ciphertext: req.GetCiphertext(), Annotations: req.GetAnnotations()})
-	s.observe(e.Name, "decrypt", start, err)
+	s.observe(e.Name, opDecrypt, start, err)
 	if err != nil {
 		return nil, grpcError("decrypt", err)
 	}
@@ -311,7 +312,7 @@ func (s *Service) checkEntry(ctx context.Context, i int) {
 	defer cancel()
 	start := time.Now()
 	err := e.Provider.Check(ctx)
-	s.observe(e.Name, "check", start, err)
+	s.observe(e.Name, opCheck, start, err)
 	prev := s.health[i].Load()
 	next := &healthState{checked: time.Now(), okAt: prev.okAt}
 	if err != nil {
@@ -358,7 +359,7 @@ func (s *Service) refreshEntry(ctx context.Context, e multi.Entry) {
 	defer cancel()
 	start := time.Now()
 	err := r.Refresh(ctx)
-	s.observe(e.Name, "refresh", start, err)
+	s.observe(e.Name, opRefresh, start, err)
 	if err != nil {
 		s.m.reloads.WithLabelValues(e.Name, "error").Inc()
 		s.log.Warn("key state refresh failed; keeping the last good state", "provider", e.Name, "class", classify(err).label, "error", err)

@@ -27,6 +27,9 @@ type KeyCache[S any] struct {
 	cur       atomic.Pointer[entry[S]]
 	loads     atomic.Uint64 // loads started; numbers them in start order
 	flight    singleflight.Group
+	// hits and misses count LookupVersion calls answered from the
+	// snapshot and those that had to reload, for the plugin's metrics.
+	hits, misses atomic.Uint64
 }
 
 // entry is one published snapshot and the number of the load behind it.
@@ -99,6 +102,13 @@ func (c *KeyCache[S]) publish(next *entry[S]) {
 	}
 }
 
+// Stats counts LookupVersion calls answered from the snapshot (hits) and
+// those that reloaded key state from the backend (misses) since the cache
+// was made.
+func (c *KeyCache[S]) Stats() CacheStats {
+	return CacheStats{Cache: CacheKeyState, Hits: c.hits.Load(), Misses: c.misses.Load()}
+}
+
 // LookupVersion returns what find reports in the current snapshot. On a
 // miss it refreshes once and looks again: a version another instance (or
 // the backend's own rotation) just made reaches this instance before its
@@ -111,8 +121,10 @@ func (c *KeyCache[S]) publish(next *entry[S]) {
 // have made before calling, so garbage cannot make it hammer the backend.
 func LookupVersion[S, V any](ctx context.Context, c *KeyCache[S], find func(S) (V, bool)) (v V, found bool, err error) {
 	if v, ok, _ := look(c, find); ok {
+		c.hits.Add(1)
 		return v, true, nil
 	}
+	c.misses.Add(1)
 	miss := c.loads.Load()
 	if err := c.Refresh(ctx); err != nil {
 		return v, false, err

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/singleflight"
@@ -117,6 +118,9 @@ type Unwrapper struct {
 	group    singleflight.Group
 	coalesce bool
 	shared   time.Duration
+	// hits and misses count Unwrap calls answered from the cache and not,
+	// for the plugin's metrics (see Stats).
+	hits, misses atomic.Uint64
 }
 
 // UnwrapOptions shape an Unwrapper.
@@ -146,8 +150,10 @@ func NewUnwrapper(o UnwrapOptions) *Unwrapper {
 func (u *Unwrapper) Unwrap(ctx context.Context, keyID string, ciphertext []byte, unwrap func(context.Context) ([]byte, error)) ([]byte, error) {
 	k := newCacheKey(keyID, ciphertext)
 	if seed, ok := u.cache.get(k); ok {
+		u.hits.Add(1)
 		return seed, nil
 	}
+	u.misses.Add(1)
 	call := func(ctx context.Context) ([]byte, error) {
 		seed, err := unwrap(ctx)
 		if err == nil {
@@ -176,3 +182,10 @@ func (u *Unwrapper) Unwrap(ctx context.Context, keyID string, ciphertext []byte,
 
 // Purge drops every cached seed, zeroing it.
 func (u *Unwrapper) Purge() { u.cache.purge() }
+
+// Stats counts Unwrap calls answered from the cache (hits) and not
+// (misses) since the Unwrapper was made. With the cache off every call is
+// a miss.
+func (u *Unwrapper) Stats() CacheStats {
+	return CacheStats{Cache: CacheUnwrap, Hits: u.hits.Load(), Misses: u.misses.Load()}
+}

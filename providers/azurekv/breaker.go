@@ -80,3 +80,17 @@ func (b *breaker) record(err error, probe bool) {
 		b.onChange(true, until, err)
 	}
 }
+
+// state reports the breaker's state for metrics: open while calls fail
+// fast or wait for the probe's turn, half open while the probe is out.
+func (b *breaker) state() providers.BreakerState {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case !b.open:
+		return providers.BreakerClosed
+	case b.probing:
+		return providers.BreakerHalfOpen
+	}
+	return providers.BreakerOpen
+}

@@ -50,6 +50,7 @@ var (
 	_ providers.Provider  = (*Provider)(nil)
 	_ providers.Rotator   = (*Provider)(nil)
 	_ providers.Refresher = (*Provider)(nil)
+	_ providers.Reporter  = (*Provider)(nil)
 )
 
 // New returns a provider whose key state has been loaded and whose primary
@@ -408,6 +409,20 @@ func hasOps(ops []*azkeys.KeyOperation, want ...azkeys.KeyOperation) bool {
 		}
 	}
 	return true
+}
+
+// Stats reports the primary's creation time (Key Vault's own attribute),
+// the seed and key state caches' lookups, and the circuit breaker, all
+// from memory.
+func (p *Provider) Stats() providers.Stats {
+	st := providers.Stats{
+		Caches:  []providers.CacheStats{p.unwrapper.Stats(), p.keys.Stats()},
+		Breaker: p.breaker.state(),
+	}
+	if v, err := p.primary(); err == nil {
+		st.PrimaryCreated = v.created
+	}
+	return st
 }
 
 // Close drops cached seeds and idle connections.

@@ -303,3 +303,32 @@ func TestBreakerIgnoresCancellation(t *testing.T) {
 		done(classify(opUnwrap, "k/v", context.Canceled))
 	}
 }
+
+// TestBreakerState: the state metrics report follows the breaker through
+// closed, open (failing fast), half open (probe out) and closed again.
+func TestBreakerState(t *testing.T) {
+	now := time.Unix(1000, 0)
+	b := newBreaker(nil)
+	b.now = func() time.Time { return now }
+	expect := func(step string, want providers.BreakerState) {
+		t.Helper()
+		if got := b.state(); got != want {
+			t.Errorf("%s: state %q, want %q", step, got, want)
+		}
+	}
+	expect("new", providers.BreakerClosed)
+	for range b.threshold {
+		done, _ := b.allow()
+		done(fmt.Errorf("x: %w", providers.ErrUnavailable))
+	}
+	expect("after threshold failures", providers.BreakerOpen)
+	now = now.Add(b.minOpen)
+	expect("open period over, no probe yet", providers.BreakerOpen)
+	probe, err := b.allow()
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect("probe out", providers.BreakerHalfOpen)
+	probe(nil)
+	expect("after a good probe", providers.BreakerClosed)
+}

@@ -87,6 +87,7 @@ var (
 	_ providers.Provider  = (*Provider)(nil)
 	_ providers.Rotator   = (*Provider)(nil)
 	_ providers.Refresher = (*Provider)(nil)
+	_ providers.Reporter  = (*Provider)(nil)
 )
 
 // New opens the keyset file named by cfg. It fails when the file is missing
@@ -261,6 +262,13 @@ func (p *Provider) lookup(ctx context.Context, id string) (*keyEntry, error) {
 // PrimaryKeyID returns the primary's key_id from the current snapshot.
 func (p *Provider) PrimaryKeyID(context.Context) (string, error) {
 	return p.current().primary.keyID, nil
+}
+
+// Stats reports the primary's creation time (kept in the keyset file
+// next to the keyset; zero for a version made before it was kept) and the
+// key state cache's lookups.
+func (p *Provider) Stats() providers.Stats {
+	return providers.Stats{PrimaryCreated: p.current().primary.created, Caches: []providers.CacheStats{p.keys.Stats()}}
 }
 
 // current is the snapshot in use. New loads one before it returns, and a

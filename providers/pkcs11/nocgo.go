@@ -75,8 +75,12 @@ func (p *Provider) Disable(context.Context, string) error { return errNoCgo }
 // Enable fails: see errNoCgo.
 func (p *Provider) Enable(context.Context, string) error { return errNoCgo }
 
+// Stats reports nothing: see errNoCgo.
+func (p *Provider) Stats() providers.Stats { return providers.Stats{} }
+
 var (
 	_ providers.Provider  = (*Provider)(nil)
 	_ providers.Rotator   = (*Provider)(nil)
 	_ providers.Refresher = (*Provider)(nil)
+	_ providers.Reporter  = (*Provider)(nil)
 )

@@ -46,6 +46,7 @@ var (
 	_ providers.Provider  = (*Provider)(nil)
 	_ providers.Rotator   = (*Provider)(nil)
 	_ providers.Refresher = (*Provider)(nil)
+	_ providers.Reporter  = (*Provider)(nil)
 )
 
 // readPIN reads the PIN file, which only its owner may read: a PIN
@@ -218,6 +219,20 @@ func (p *Provider) current() (*state, error) {
 		return nil, fmt.Errorf("pkcs11: %w", err)
 	}
 	return st, nil
+}
+
+// Stats reports the primary's creation time (kept in the token's metadata
+// object; zero for a version made before it was kept), and the key state
+// and, for RSA keys, seed caches' lookups.
+func (p *Provider) Stats() providers.Stats {
+	st := providers.Stats{Caches: []providers.CacheStats{p.keys.Stats()}}
+	if p.unwrapper != nil {
+		st.Caches = append(st.Caches, p.unwrapper.Stats())
+	}
+	if snap, err := p.current(); err == nil && snap.primary != nil {
+		st.PrimaryCreated = snap.primary.created
+	}
+	return st
 }
 
 // PrimaryKeyID returns the key_id of the cached primary version.

@@ -45,6 +45,7 @@ func Run(t *testing.T, newProvider NewFunc) {
 		{"PromoteRefusesDisabled", true, testPromoteDisabled},
 		{"KeyIDsAreNeverReused", true, testNoReuse},
 		{"ConcurrentUseDuringPromote", true, testConcurrent},
+		{"StatsReportPrimaryCreated", true, testStatsPrimaryCreated},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -436,4 +437,38 @@ func testConcurrent(t *testing.T, p providers.Provider) {
 	for err := range errs {
 		t.Error(err)
 	}
+}
+
+// testStatsPrimaryCreated: a provider that reports Stats gives the
+// creation time Versions lists for the primary, before and after a
+// promote (the plugin exports it as the primary key's age).
+func testStatsPrimaryCreated(t *testing.T, p providers.Provider) {
+	r, ok := p.(providers.Reporter)
+	if !ok {
+		t.Skip("provider does not implement providers.Reporter")
+	}
+	check := func(when string) {
+		t.Helper()
+		vs, err := rotator(p).Versions(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, v := range vs {
+			if v.State == providers.StatePrimary {
+				if got := r.Stats().PrimaryCreated; !got.Equal(v.Created) || got.IsZero() {
+					t.Fatalf("%s: Stats().PrimaryCreated = %v, want the primary %s's %v", when, got, v.KeyID, v.Created)
+				}
+				return
+			}
+		}
+		t.Fatalf("%s: Versions lists no primary: %v", when, vs)
+	}
+	check("at start")
+	newPrimary(t, p)
+	if rf, ok := p.(providers.Refresher); ok {
+		if err := rf.Refresh(ctx(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check("after promote")
 }
