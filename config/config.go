@@ -63,6 +63,9 @@ type Config struct {
 	// Health is an optional loopback address (127.0.0.1:PORT) serving
 	// /healthz, /readyz and Prometheus /metrics.
 	Health string `json:"health,omitempty"`
+	// Metrics is an optional second listener serving only /metrics, for a
+	// cluster Prometheus to scrape; see MetricsListener.
+	Metrics *MetricsListener `json:"metrics,omitempty"`
 	// CheckInterval is how often the provider's backend is probed in the
 	// background; Status reports the last result.
 	CheckInterval Duration `json:"checkInterval,omitempty"`
@@ -94,6 +97,48 @@ type Peers struct {
 	UIDs []int64 `json:"uids,omitempty"`
 	// GIDs are group ids, 0 to 4294967294.
 	GIDs []int64 `json:"gids,omitempty"`
+}
+
+// MetricsListener is the optional metrics-only listener. It serves
+// without authentication, so it binds loopback unless AllowRemote says
+// otherwise:
+//
+//	metrics:
+//	  address: 10.0.0.5:9788   # the node's internal IP; firewall the port
+//	  allowRemote: true
+type MetricsListener struct {
+	// Address is HOST:PORT to listen on.
+	Address string `json:"address"`
+	// AllowRemote lets Address be other than loopback (an interface IP,
+	// or ":PORT" for every interface). The metrics carry no key material
+	// and name key_ids only by hash, but they show request rates, error
+	// classes and provider names to whoever reaches the port.
+	AllowRemote bool `json:"allowRemote,omitempty"`
+}
+
+// validate checks the listener: unset is fine; set, the address must
+// parse, differ from the health address, and be loopback unless
+// AllowRemote.
+func (m *MetricsListener) validate(health string) error {
+	if m == nil {
+		return nil
+	}
+	if m.Address == "" {
+		return errors.New("metrics.address: missing; set HOST:PORT, e.g. 127.0.0.1:9788, or remove metrics")
+	}
+	if _, _, err := net.SplitHostPort(m.Address); err != nil {
+		return fmt.Errorf("metrics.address %q: want HOST:PORT, e.g. 127.0.0.1:9788: %v", m.Address, err)
+	}
+	if m.Address == health {
+		return fmt.Errorf("metrics.address %q is the health address too; the health listener already serves /metrics, so pick another port or remove metrics", m.Address)
+	}
+	if m.AllowRemote {
+		return nil
+	}
+	if err := CheckLoopback(m.Address); err != nil {
+		return fmt.Errorf("metrics.address %w; or set metrics.allowRemote: true to serve it there (then firewall the port or bind the node's internal IP)", err)
+	}
+	return nil
 }
 
 // MaxSocketPath is the longest socket path Linux can bind: sun_path holds
@@ -226,6 +271,9 @@ func (c *Config) Validate() error {
 		if err := CheckLoopback(c.Health); err != nil {
 			return fmt.Errorf("health %w", err)
 		}
+	}
+	if err := c.Metrics.validate(c.Health); err != nil {
+		return err
 	}
 	for name, d := range map[string]Duration{"checkInterval": c.CheckInterval, "refreshInterval": c.RefreshInterval, "maxStaleness": c.MaxStaleness} {
 		if d < Duration(100*time.Millisecond) {

@@ -87,6 +87,24 @@ func TestParse(t *testing.T) {
 				}
 			},
 		},
+		{
+			name: "metrics on every interface, opted in",
+			yaml: "socket: /s\nmetrics: {address: \":9788\", allowRemote: true}\nprovider: {file: {path: /k}}\n",
+			check: func(t *testing.T, c *Config) {
+				if c.Metrics == nil || c.Metrics.Address != ":9788" || !c.Metrics.AllowRemote {
+					t.Errorf("metrics = %+v, want :9788 with allowRemote", c.Metrics)
+				}
+			},
+		},
+		{
+			name: "metrics on loopback needs no opt-in",
+			yaml: "socket: /s\nmetrics: {address: 127.0.0.1:9788}\nprovider: {file: {path: /k}}\n",
+			check: func(t *testing.T, c *Config) {
+				if c.Metrics == nil || c.Metrics.Address != "127.0.0.1:9788" {
+					t.Errorf("metrics = %+v, want 127.0.0.1:9788", c.Metrics)
+				}
+			},
+		},
 		{name: "unknown field is named", yaml: "socket: /s\nsokcet: /x\nprovider: {file: {path: /k}}\n", wantErr: `unknown field "sokcet"`},
 		{name: "unknown provider field is named", yaml: "socket: /s\nprovider: {file: {path: /k, pth: x}}\n", wantErr: `unknown field "pth"`},
 		{name: "malformed yaml", yaml: "socket: [\n", wantErr: "yaml"},
@@ -95,6 +113,12 @@ func TestParse(t *testing.T) {
 		{name: "no provider", yaml: "socket: /s\n", wantErr: "providers: empty"},
 		{name: "file without path", yaml: "socket: /s\nprovider: {file: {}}\n", wantErr: "provider.file: path: missing"},
 		{name: "health not loopback", yaml: "socket: /s\nhealth: 0.0.0.0:80\nprovider: {file: {path: /k}}\n", wantErr: "loopback"},
+		{name: "metrics on every interface without opt-in", yaml: "socket: /s\nmetrics: {address: \":9788\"}\nprovider: {file: {path: /k}}\n", wantErr: `metrics.address ":9788": must be a loopback address`},
+		{name: "metrics on a node IP names the fix", yaml: "socket: /s\nmetrics: {address: 10.0.0.5:9788}\nprovider: {file: {path: /k}}\n", wantErr: "set metrics.allowRemote: true"},
+		{name: "metrics without address", yaml: "socket: /s\nmetrics: {allowRemote: true}\nprovider: {file: {path: /k}}\n", wantErr: "metrics.address: missing"},
+		{name: "metrics address without port", yaml: "socket: /s\nmetrics: {address: 10.0.0.5, allowRemote: true}\nprovider: {file: {path: /k}}\n", wantErr: "want HOST:PORT"},
+		{name: "metrics on the health address", yaml: "socket: /s\nhealth: 127.0.0.1:8787\nmetrics: {address: 127.0.0.1:8787}\nprovider: {file: {path: /k}}\n", wantErr: "is the health address too"},
+		{name: "metrics unknown field", yaml: "socket: /s\nmetrics: {addr: 127.0.0.1:9788}\nprovider: {file: {path: /k}}\n", wantErr: `unknown field "addr"`},
 		{name: "bad duration", yaml: "socket: /s\ncheckInterval: soon\nprovider: {file: {path: /k}}\n", wantErr: "duration"},
 		{name: "tiny interval", yaml: "socket: /s\nrefreshInterval: 1ms\nprovider: {file: {path: /k}}\n", wantErr: "refreshInterval"},
 		{name: "bad log level", yaml: "socket: /s\nlog: {level: loud}\nprovider: {file: {path: /k}}\n", wantErr: "log.level"},

@@ -84,25 +84,58 @@ const (
 // kms_plugin_health_bind_errors_total and retried (see healthBindRetry)
 // until it works or ctx ends; so is a server that stops on its own.
 func (s *Service) ServeHealth(ctx context.Context, addr string, gatherer prometheus.Gatherer) {
+	s.serveHTTP(ctx, httpEndpoint{name: "health", addr: addr, handler: HealthHandler(s, gatherer), bindErrs: s.m.healthBindErrs})
+}
+
+// MetricsHandler serves /metrics from gatherer and nothing else: the
+// metrics listener may face the cluster network, and health details
+// (provider names and error classes on /healthz?verbose) stay on the
+// loopback health listener.
+func MetricsHandler(gatherer prometheus.Gatherer) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
+	return mux
+}
+
+// ServeMetrics serves MetricsHandler(gatherer) on addr until ctx ends,
+// with the health listener's limits and its bind-and-retry rule (failures
+// counted in kms_plugin_metrics_bind_errors_total): a scrape port must
+// never stop the socket being served.
+func (s *Service) ServeMetrics(ctx context.Context, addr string, gatherer prometheus.Gatherer) {
+	s.serveHTTP(ctx, httpEndpoint{name: "metrics", addr: addr, handler: MetricsHandler(gatherer), bindErrs: s.m.metricsBindErrs})
+}
+
+// httpEndpoint is one optional HTTP listener of the plugin.
+type httpEndpoint struct {
+	// name is "health" or "metrics", for log lines.
+	name     string
+	addr     string
+	handler  http.Handler
+	bindErrs prometheus.Counter
+}
+
+// serveHTTP serves e until ctx ends, binding again after a failed bind
+// or a server that stopped on its own (see ServeHealth).
+func (s *Service) serveHTTP(ctx context.Context, e httpEndpoint) {
 	wait, failures := healthBindRetry, 0
 	for {
-		ln, err := net.Listen("tcp", addr)
+		ln, err := net.Listen("tcp", e.addr)
 		if err == nil {
 			wait = healthBindRetry
 			if failures > 0 {
-				s.log.Info("health endpoint listening", "addr", ln.Addr().String(), "failed_binds", failures)
+				s.log.Info(e.name+" endpoint listening", "addr", ln.Addr().String(), "failed_binds", failures)
 			} else {
-				s.log.Info("health endpoint listening", "addr", ln.Addr().String())
+				s.log.Info(e.name+" endpoint listening", "addr", ln.Addr().String())
 			}
-			err = s.serveHealth(ctx, ln, gatherer)
+			err = serveOn(ctx, e.name, ln, e.handler)
 			if ctx.Err() != nil {
 				return
 			}
-			s.log.Error("health server stopped; binding again", "addr", addr, "error", err, "retry_in", wait)
+			s.log.Error(e.name+" server stopped; binding again", "addr", e.addr, "error", err, "retry_in", wait.String())
 		} else {
 			failures++
-			s.m.healthBindErrs.Inc()
-			s.log.Error("cannot bind the health address; the socket is served, the health endpoint is retried", "addr", addr, "error", err, "retry_in", wait)
+			e.bindErrs.Inc()
+			s.log.Error("cannot bind the "+e.name+" address; the socket is served, the "+e.name+" endpoint is retried", "addr", e.addr, "error", err, "retry_in", wait.String())
 		}
 		select {
 		case <-ctx.Done():
@@ -114,20 +147,26 @@ func (s *Service) ServeHealth(ctx context.Context, addr string, gatherer prometh
 }
 
 // serveHealth serves HealthHandler(s, gatherer) on ln until ctx ends, then
-// closes it. Timeouts, header size and connections are bounded (see
-// connCap), so no client of the port can grow the plugin's memory.
+// closes it.
 func (s *Service) serveHealth(ctx context.Context, ln net.Listener, gatherer prometheus.Gatherer) error {
-	srv := newHealthServer(HealthHandler(s, gatherer))
+	return serveOn(ctx, "health", ln, HealthHandler(s, gatherer))
+}
+
+// serveOn serves h (the name endpoint) on ln until ctx ends, then closes it. Timeouts, header
+// size and connections are bounded (see connCap), so no client of the
+// port can grow the plugin's memory.
+func serveOn(ctx context.Context, name string, ln net.Listener, h http.Handler) error {
+	srv := newHealthServer(h)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(netutil.LimitListener(ln, maxHealthConns)) }()
 	select {
 	case err := <-served:
-		return fmt.Errorf("health %s: %w", ln.Addr(), err)
+		return fmt.Errorf("%s %s: %w", name, ln.Addr(), err)
 	case <-ctx.Done():
 	}
 	_ = srv.Close()
 	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("health %s: %w", ln.Addr(), err)
+		return fmt.Errorf("%s %s: %w", name, ln.Addr(), err)
 	}
 	return nil
 }

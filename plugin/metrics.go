@@ -24,6 +24,7 @@ type Metrics struct {
 	providerHealthy *prometheus.GaugeVec
 	logsDropped     *prometheus.CounterVec
 	healthBindErrs  prometheus.Counter
+	metricsBindErrs prometheus.Counter
 	socketLost      prometheus.Counter
 	peersRefused    prometheus.Counter
 	fips140Enabled  prometheus.Gauge
@@ -79,6 +80,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kms_plugin_health_bind_errors_total",
 			Help: "Failed attempts to bind the health address; the socket is served regardless, and the bind is retried.",
 		}),
+		metricsBindErrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kms_plugin_metrics_bind_errors_total",
+			Help: "Failed attempts to bind the metrics address; the socket is served regardless, and the bind is retried.",
+		}),
 		socketLost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kms_plugin_socket_lost_total",
 			Help: "Times the socket path was found deleted or replaced by another file; the plugin binds it again, or exits when another process holds it.",
@@ -104,7 +109,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m.initRequests()
 	if reg != nil {
 		reg.MustRegister(m.requests, m.requestDuration, m.providerOps, m.providerErrors, m.primaryKey, m.reloads, m.healthy, m.providerHealthy,
-			m.logsDropped, m.healthBindErrs, m.socketLost, m.peersRefused, m.fips140Enabled, m.buildInfo, m.reporters)
+			m.logsDropped, m.healthBindErrs, m.metricsBindErrs, m.socketLost, m.peersRefused, m.fips140Enabled, m.buildInfo, m.reporters)
 	}
 	return m
 }

@@ -96,6 +96,8 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := plugin.NewMetrics(reg)
+	bi := buildinfo.Get(version, commit)
+	metrics.SetBuildInfo(bi.Version, bi.Commit, bi.GoVersion, bi.FIPSMode)
 	sock, err := plugin.NewSocket(plugin.SocketConfig{
 		Path:    cfg.Socket,
 		Group:   cfg.SocketGroup,
@@ -138,11 +140,17 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		go func() { defer close(healthDone); svc.ServeHealth(bg, cfg.Health, reg) }()
 		defer func() { cancelBG(); <-healthDone }()
 	}
+	if cfg.Metrics != nil {
+		// Optional too, and bound like the health listener: /metrics only,
+		// for a cluster Prometheus (config.Validate has checked the address).
+		metricsDone := make(chan struct{})
+		go func() { defer close(metricsDone); svc.ServeMetrics(bg, cfg.Metrics.Address, reg) }()
+		defer func() { cancelBG(); <-metricsDone }()
+	}
 
 	gs := plugin.NewGRPCServer(svc)
 	served := make(chan error, 1)
 	go func() { served <- gs.Serve(sock) }()
-	bi := buildinfo.Get(version, commit)
 	log.Info("serving KMS v2", "socket", cfg.Socket, "version", bi.Version, "commit", bi.Commit, "fips140", bi.FIPSMode)
 
 	select {
