@@ -153,7 +153,7 @@ func (s *Service) logInterceptor(ctx context.Context, req any, info *grpc.UnaryS
 		return resp, nil // polled constantly; changes are logged by noteKeyID
 	}
 	code := status.Code(err)
-	args := []any{"method", m, "code", code.String(), "duration", time.Since(start)}
+	args := []any{"method", m, "code", code.String(), "duration_seconds", time.Since(start).Seconds()}
 	switch r := req.(type) {
 	case *kmsapi.EncryptRequest:
 		args = append(args, "uid", clip(r.GetUid(), logClip))

@@ -131,11 +131,11 @@ func (s *Service) serveHTTP(ctx context.Context, e httpEndpoint) {
 			if ctx.Err() != nil {
 				return
 			}
-			s.log.Error(e.name+" server stopped; binding again", "addr", e.addr, "error", err, "retry_in", wait.String())
+			s.log.Error(e.name+" server stopped; binding again", "addr", e.addr, "error", err, "retry_in_seconds", wait.Seconds())
 		} else {
 			failures++
 			e.bindErrs.Inc()
-			s.log.Error("cannot bind the "+e.name+" address; the socket is served, the "+e.name+" endpoint is retried", "addr", e.addr, "error", err, "retry_in", wait.String())
+			s.log.Error("cannot bind the "+e.name+" address; the socket is served, the "+e.name+" endpoint is retried", "addr", e.addr, "error", err, "retry_in_seconds", wait.Seconds())
 		}
 		select {
 		case <-ctx.Done():
