@@ -44,7 +44,7 @@ release-fips:
 ## cryptography fails. Without -race: make unit is the race pass. Tests that
 ## drive kube-apiserver's own envelope code skip there (docs/fips.md).
 test-fips: deps
-	GOFIPS140=$(FIPS_MODULE) GODEBUG=fips140=only $(GO) test -count=1 $(UNIT_PKGS)
+	KMS_PROMTOOL="$(PROMTOOL)" GOFIPS140=$(FIPS_MODULE) GODEBUG=fips140=only $(GO) test -count=1 $(UNIT_PKGS)
 
 ## test: every test, with the tools it needs installed first.
 test: deps check unit e2e
@@ -92,6 +92,15 @@ GOVULNCHECK   = $(CI_CACHE)/govulncheck-$(GOVULNCHECK_VERSION)/govulncheck
 INDEXDB       = $(CI_CACHE)/indexdb-$(VULNDB_VERSION)/indexdb
 VULNDB        = $(CI_CACHE)/vulndb-$(VULNDB_VERSION)
 
+# promtool, Prometheus's rule checker and rule unit test runner, for the
+# alert rules in manifests/monitoring (module v0.316.0 is Prometheus 3.16).
+PROMTOOL_VERSION      ?= v0.316.0
+PROMTOOL = $(CI_CACHE)/promtool-$(PROMTOOL_VERSION)/promtool
+$(PROMTOOL):
+	GOBIN="$(@D)" $(GO) install github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION)
+# Declared here, where PROMTOOL is set: a prerequisite is expanded when read.
+unit test-fips: $(PROMTOOL)
+
 $(GOLANGCI_LINT):
 	GOBIN="$(@D)" $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
 $(GOVULNCHECK):
@@ -136,9 +145,11 @@ check:
 	cd e2e/tools && $(GO) mod tidy -diff
 
 ## unit: the product's tests, and the kubeadm patch checked with kubeadm's own
-## types (in e2e/tools, the module that may depend on k8s.io/kubernetes).
+## types (in e2e/tools, the module that may depend on k8s.io/kubernetes);
+## manifests/monitoring's alert rule tests run the pinned promtool (installed
+## into the cache on first use, see PROMTOOL).
 unit:
-	$(GO) test -race -count=1 $(UNIT_PKGS)
+	KMS_PROMTOOL="$(PROMTOOL)" $(GO) test -race -count=1 $(UNIT_PKGS)
 	cd e2e/tools && $(GO) test -count=1 ./kubeadmcheck/
 
 e2e: tools
