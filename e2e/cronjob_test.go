@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -157,7 +158,8 @@ func runCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, cj cronJo
 	out, err := cmd.Output()
 	if err != nil {
 		stderr := ""
-		if ee, ok := err.(*exec.ExitError); ok {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
 			stderr = string(ee.Stderr)
 		}
 		t.Fatalf("the CronJob's kmsctl (force %v): %v\nstdout: %s\nstderr: %s", force, err, out, stderr)
