@@ -101,7 +101,11 @@ func testKustomize(ctx context.Context, t *testing.T, k kubectl, base string) {
 	}
 	const digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	overlay := t.TempDir()
-	kust := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [" + base + "]\n" +
+	rel, err := filepath.Rel(overlay, base) // kustomize refuses absolute bases
+	if err != nil {
+		t.Fatal(err)
+	}
+	kust := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [" + rel + "]\n" +
 		"images:\n  - name: ghcr.io/kms-v2/kms-plugin\n    newName: registry.example/kms-plugin\n    digest: " + digest + "\n"
 	if err := os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(kust), 0o600); err != nil {
 		t.Fatal(err)
