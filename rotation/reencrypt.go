@@ -20,7 +20,7 @@ func (r *runner) reencrypt(ctx context.Context, lock *Lock, p plan, g goal) erro
 		return r.settle(ctx, lock)
 	}
 	if err := r.firstPass(ctx, p.census, w); err != nil {
-		return err
+		return r.afterFailedPass(ctx, lock, w, err)
 	}
 	for {
 		r.begin(PhaseCensus)
@@ -34,7 +34,7 @@ func (r *runner) reencrypt(ctx context.Context, lock *Lock, p plan, g goal) erro
 			return r.settle(ctx, lock)
 		}
 		if err := r.stalePass(ctx, c, w); err != nil {
-			return err
+			return r.afterFailedPass(ctx, lock, w, err)
 		}
 	}
 }
@@ -69,10 +69,10 @@ func (r *runner) firstPass(ctx context.Context, before *Census, w Writers) error
 		var err error
 		if 2*n < rc.Total {
 			r.Progress.Begin("rewrite "+res.Name+" (pass 1, stale only)", int64(n))
-			st, err = r.Rewriter.RewriteStale(ctx, res, r.Etcd, w[res.Name])
+			st, err = r.engine().Rewrite(ctx, RewriteRequest{Resource: res, Etcd: r.Etcd, Writer: w[res.Name]})
 		} else {
 			r.Progress.Begin("rewrite "+res.Name+" (pass 1)", int64(rc.Total))
-			st, err = r.Rewriter.RewriteListed(ctx, res)
+			st, err = r.engine().Rewrite(ctx, RewriteRequest{Resource: res, Listed: true, Etcd: r.Etcd, Writer: w[res.Name]})
 		}
 		if err := r.record(res.Name, st, err); err != nil {
 			return err
@@ -92,7 +92,7 @@ func (r *runner) stalePass(ctx context.Context, c *Census, w Writers) error {
 		}
 		res, _ := resourceNamed(r.opts.Resources, rc.Resource)
 		r.Progress.Begin(fmt.Sprintf("rewrite %s (pass %d, stale only)", res.Name, r.rep.Passes), int64(rc.Stale))
-		st, err := r.Rewriter.RewriteStale(ctx, res, r.Etcd, w[res.Name])
+		st, err := r.engine().Rewrite(ctx, RewriteRequest{Resource: res, Etcd: r.Etcd, Writer: w[res.Name]})
 		if err := r.record(res.Name, st, err); err != nil {
 			return err
 		}

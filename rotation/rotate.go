@@ -120,7 +120,10 @@ type Rotation struct {
 	// the apiserver.
 	Meta     metadata.Interface
 	Rewriter *Rewriter
-	Etcd     Etcd
+	// Engine, when set, rewrites instead of Rewriter (for example a
+	// MigrationEngine); the census still decides what is left.
+	Engine RewriteEngine
+	Etcd   Etcd
 	// Planner is the apiserver of the kubeconfig: the plan's canaries are
 	// written through it.
 	Planner *APIServer
