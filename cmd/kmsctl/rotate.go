@@ -24,6 +24,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	svmclient "k8s.io/client-go/kubernetes/typed/storagemigration/v1"
+	"k8s.io/client-go/rest"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
 	"github.com/kms-v2/kms-plugin/cmd/internal/output"
@@ -56,6 +58,8 @@ type rotateFlags struct {
 	cpuProfile            string
 	keepReadable          keepReadable
 	hooks                 testHooks
+	rewriteWith           string
+	migrationTimeout      time.Duration
 }
 
 func rotateCommand() *cobra.Command {
@@ -84,7 +88,15 @@ rerun on the same host takes over the lease of a run that provably died.
 Exit codes: 0 done; 2 objects remain; 3 --retire refused; 4 an apiserver did
 not switch; 5 another, live rotation holds the lease; 6 the encrypting
 provider keeps keys per node and --keyset-distributed was not given on more
-than one apiserver; 1 other errors.
+than one apiserver; 1 other errors (among them a StorageVersionMigration
+unchanged for --migration-timeout).
+
+--rewrite-with storageversionmigration hands each rewrite pass to the
+platform: one StorageVersionMigration per resource, which
+kube-controller-manager's storage-version-migrator-controller runs; plan,
+confirmation, census, further passes and retire stay kmsctl's. A migration
+that fails or is deleted is followed by a census (exit 2 if objects remain,
+the error naming the migration); a rerun replaces it.
 
 With several providers in --config (providers:), the first is the one
 rotated and every object not under its primary is rewritten; --retire then
@@ -129,7 +141,28 @@ func (f *rotateFlags) register(fs *pflag.FlagSet) {
 	_ = fs.MarkHidden("lease-duration")
 	fs.StringVar(&f.cpuProfile, "cpu-profile", "", "write a Go CPU profile of the run to this file")
 	_ = fs.MarkHidden("cpu-profile")
+	fs.StringVar(&f.rewriteWith, "rewrite-with", rewriteKmsctl, "the rewrite engine: kmsctl (its own paced patches) or storageversionmigration (the platform's, run by kube-controller-manager)")
+	fs.DurationVar(&f.migrationTimeout, "migration-timeout", rotation.DefaultMigrationTimeout, "with --rewrite-with storageversionmigration: stop when a migration's status has not changed for this long (kube-controller-manager writes it when a migration starts and ends)")
 	f.hooks.register(fs)
+}
+
+// Rewrite engines --rewrite-with accepts.
+const (
+	rewriteKmsctl = "kmsctl"
+	rewriteSVM    = "storageversionmigration"
+)
+
+// rewriteEngine returns the engine --rewrite-with names; nil means
+// kmsctl's own Rewriter.
+func (f *rotateFlags) rewriteEngine(r *rotation.Rotation, restCfg *rest.Config, stderr io.Writer) (rotation.RewriteEngine, error) {
+	if f.rewriteWith != rewriteSVM {
+		return nil, nil
+	}
+	c, err := svmclient.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("StorageVersionMigration client: %w", err)
+	}
+	return &rotation.MigrationEngine{Client: c, Progress: r.Progress, Out: stderr, StallTimeout: f.migrationTimeout}, nil
 }
 
 // validate checks the flags that need no I/O.
@@ -155,6 +188,10 @@ func (f *rotateFlags) validate() error {
 		return fmt.Errorf("--propagation-wait %s: want 0 or more", f.propagationWait)
 	case f.leaseWait < 0:
 		return fmt.Errorf("--lease-wait %s: want 0 or more", f.leaseWait)
+	case f.rewriteWith != rewriteKmsctl && f.rewriteWith != rewriteSVM:
+		return fmt.Errorf("--rewrite-with %q: want %s or %s", f.rewriteWith, rewriteKmsctl, rewriteSVM)
+	case f.migrationTimeout <= 0:
+		return fmt.Errorf("--migration-timeout %s: want more than 0", f.migrationTimeout)
 	case len(f.keepReadable.paths) > 0 && !f.retire:
 		return errors.New("--keep-readable only guards --retire: add --retire, or drop --keep-readable")
 	}
@@ -245,6 +282,9 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 		ProbeInterval: f.probeInterval, Logger: logger, Out: stderr, Registry: reg,
 	})
 	if err != nil {
+		return nil, err
+	}
+	if r.Engine, err = f.rewriteEngine(r, restCfg, stderr); err != nil {
 		return nil, err
 	}
 	if f.metricsAddr != "" {

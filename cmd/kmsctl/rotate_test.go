@@ -19,6 +19,8 @@ func TestRotateExitCodes(t *testing.T) {
 		{name: "retire refused", err: fmt.Errorf("x: %w", rotation.ErrRetireRefused), want: exitRetireRefused},
 		{name: "not switched", err: fmt.Errorf("x: %w", rotation.ErrNotSwitched), want: exitNotSwitched},
 		{name: "locked", err: fmt.Errorf("x: %w", rotation.ErrLocked), want: exitLocked},
+		{name: "failed migration with objects left", err: fmt.Errorf("StorageVersionMigration x: Failed: %w; 3 objects left: %w", rotation.ErrMigrationFailed, rotation.ErrObjectsRemain), want: exitObjectsRemain},
+		{name: "stalled migration", err: fmt.Errorf("x: %w", rotation.ErrMigrationStalled), want: 1},
 		{name: "objects remain wins over retire", err: errors.Join(fmt.Errorf("a: %w", rotation.ErrObjectsRemain), fmt.Errorf("b: %w", rotation.ErrRetireRefused)), want: exitObjectsRemain},
 		{name: "other", err: errors.New("boom"), want: 1},
 	}
@@ -49,6 +51,9 @@ func TestRotateFlagErrors(t *testing.T) {
 		{name: "bad resource", args: []string{"--config", "x.yaml", "--resources", "deployments"}, want: "resource \"deployments\""},
 		{name: "zero concurrency", args: []string{"--config", "x.yaml", "--concurrency", "0"}, want: "at least 1"},
 		{name: "keep-readable without retire", args: []string{"--config", "x.yaml", "--keep-readable", "s.db"}, want: "--keep-readable only guards --retire"},
+		{name: "unknown rewrite engine", args: []string{"--config", "x.yaml", "--rewrite-with", "svm"}, want: `--rewrite-with "svm": want kmsctl or storageversionmigration`},
+		{name: "zero migration timeout", args: []string{"--config", "x.yaml", "--rewrite-with", "storageversionmigration", "--migration-timeout", "0s"}, want: "--migration-timeout 0s: want more than 0"},
+		{name: "storageversionmigration accepted", args: []string{"--config", "x.yaml", "--rewrite-with", "storageversionmigration"}, want: "--etcd-endpoints is required"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
