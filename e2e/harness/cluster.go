@@ -70,6 +70,11 @@ type Options struct {
 	// KeepDir leaves the cluster's folder on disk after Close, for a human
 	// to look at. Start also keeps it when $KMS_E2E_KEEP is set.
 	KeepDir bool
+	// ControllerManager starts kube-controller-manager after the
+	// apiservers, running only the storage version migrator and the
+	// garbage collector it needs (StorageVersionMigration tests). Off by
+	// default: nothing else needs it.
+	ControllerManager bool
 }
 
 // Cluster is a running control plane. Fields are set by Launch and must
@@ -95,6 +100,8 @@ type Cluster struct {
 	APIServers []*APIServer
 	// Plugins are the kms-plugin instances; Plugins[i] serves APIServers[i].
 	Plugins []*Plugin
+	// ControllerManager is set with Options.ControllerManager.
+	ControllerManager *ControllerManager
 
 	opts    Options
 	bins    bins
@@ -251,6 +258,11 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
+	if opts.ControllerManager {
+		if err := c.startControllerManager(ctx); err != nil {
+			return nil, err
+		}
+	}
 	logf("harness: control plane ready in %s (folder %s)", time.Since(start).Round(100*time.Millisecond), dir)
 	c.onClose(c.saveMetrics) // first, while everything still runs
 	return c, nil
@@ -337,6 +349,9 @@ func (c *Cluster) processes() []*process {
 	}
 	for _, a := range c.APIServers {
 		ps = append(ps, a.proc)
+	}
+	if c.ControllerManager != nil {
+		ps = append(ps, c.ControllerManager.proc)
 	}
 	return ps
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the real control-plane binaries (kube-apiserver, kubectl, etcd,
-# etcdctl) from the pinned modules in this folder into a cache folder keyed by
+# Builds the real control-plane binaries (kube-apiserver,
+# kube-controller-manager, kubectl, etcd, etcdctl) from the pinned modules in this folder into a cache folder keyed by
 # their versions, building only what is missing. Prints the bin folder.
 #
 # Usage: e2e/tools/build.sh            (KMS_E2E_CACHE overrides the cache root)
@@ -15,7 +15,7 @@ mkdir -p "$bin"
 build() { # name package
   local name="$1" pkg="$2"
   if [[ -x "$bin/$name" ]]; then return 0; fi
-  echo "building $name from $pkg (first time only; kube-apiserver takes minutes on a cold cache)" >&2
+  echo "building $name from $pkg (first time only; kube-apiserver and kube-controller-manager take minutes on a cold cache)" >&2
   # Build to a temp name then rename, so an interrupted build never leaves a
   # half-written binary that looks complete.
   CGO_ENABLED=0 go build -trimpath -o "$bin/.$name.tmp" "$pkg"
@@ -25,4 +25,5 @@ build etcd go.etcd.io/etcd/server/v3
 build etcdctl go.etcd.io/etcd/etcdctl/v3
 build kubectl k8s.io/kubernetes/cmd/kubectl
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
 echo "$bin"
