@@ -25,7 +25,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	svmclient "k8s.io/client-go/kubernetes/typed/storagemigration/v1"
-	"k8s.io/client-go/rest"
 
 	"github.com/kms-v2/kms-plugin/cmd/internal/backends"
 	"github.com/kms-v2/kms-plugin/cmd/internal/output"
@@ -152,17 +151,19 @@ const (
 	rewriteSVM    = "storageversionmigration"
 )
 
-// rewriteEngine returns the engine --rewrite-with names; nil means
-// kmsctl's own Rewriter.
-func (f *rotateFlags) rewriteEngine(r *rotation.Rotation, restCfg *rest.Config, stderr io.Writer) (rotation.RewriteEngine, error) {
-	if f.rewriteWith != rewriteSVM {
-		return nil, nil
+// newRotation wires the run with the rewrite engine --rewrite-with names:
+// kmsctl's own Rewriter, or a MigrationEngine.
+func (f *rotateFlags) newRotation(ctx context.Context, cfg rotation.Config) (*rotation.Rotation, error) {
+	r, err := rotation.New(ctx, cfg)
+	if err != nil || f.rewriteWith != rewriteSVM {
+		return r, err
 	}
-	c, err := svmclient.NewForConfig(restCfg)
+	c, err := svmclient.NewForConfig(cfg.REST)
 	if err != nil {
 		return nil, fmt.Errorf("StorageVersionMigration client: %w", err)
 	}
-	return &rotation.MigrationEngine{Client: c, Progress: r.Progress, Out: stderr, StallTimeout: f.migrationTimeout}, nil
+	r.Engine = &rotation.MigrationEngine{Client: c, Progress: r.Progress, Out: cfg.Out, StallTimeout: f.migrationTimeout}
+	return r, nil
 }
 
 // validate checks the flags that need no I/O.
@@ -276,15 +277,12 @@ func rotate(ctx context.Context, stderr io.Writer, f rotateFlags) (*rotation.Rep
 	defer closeEtcd()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	r, err := rotation.New(ctx, rotation.Config{
+	r, err := f.newRotation(ctx, rotation.Config{
 		REST: restCfg, Rotator: rot, DecryptOnly: decryptOnly, Etcd: e, APIServers: f.apiservers, Discover: !f.dryRun,
 		Concurrency: f.concurrency, InitialConcurrency: f.initialConcurrency, Tolerance: f.tolerance,
 		ProbeInterval: f.probeInterval, Logger: logger, Out: stderr, Registry: reg,
 	})
 	if err != nil {
-		return nil, err
-	}
-	if r.Engine, err = f.rewriteEngine(r, restCfg, stderr); err != nil {
 		return nil, err
 	}
 	if f.metricsAddr != "" {
