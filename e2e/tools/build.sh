@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real control-plane binaries (kube-apiserver,
-# kube-controller-manager, kubectl, etcd, etcdctl) from the pinned modules in this folder into a cache folder keyed by
-# their versions, building only what is missing. Prints the bin folder.
+# kube-controller-manager, kubectl, etcd, etcdctl) from the pinned modules in
+# this folder into a cache folder keyed by their versions, building only what
+# is missing. Prints the bin folder.
 #
 # Usage: e2e/tools/build.sh            (KMS_E2E_CACHE overrides the cache root)
 set -euo pipefail
