@@ -12,6 +12,7 @@ import (
 	svmv1 "k8s.io/api/storagemigration/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kms-v2/kms-plugin/e2e/harness"
 )
@@ -56,7 +57,7 @@ func testSVMUnderLoad(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	}
 	// The platform did the rewrite: a Succeeded migration per resource.
 	for _, res := range []string{"secrets", "configmaps"} {
-		m := migrationFor(ctx, t, c, res)
+		m := migrationFor(ctx, t, c, res, nil)
 		if m == nil || !meta.IsStatusConditionTrue(m.Status.Conditions, string(svmv1.MigrationSucceeded)) {
 			t.Errorf("%s: want a Succeeded StorageVersionMigration, got %+v", res, m)
 		}
@@ -107,11 +108,17 @@ func testSVMFailedStalledRerun(ctx context.Context, t *testing.T, c *harness.Clu
 		t.Fatalf("stop kube-controller-manager: %v", err)
 	}
 
-	// Deleted mid-way: exit 2, the error names the migration.
+	// Deleted mid-way: exit 2, the error names the migration. Only the
+	// run's own migration is deleted, not the Succeeded one of the test
+	// before.
+	earlier := map[types.UID]bool{}
+	if m := migrationFor(ctx, t, c, "secrets", nil); m != nil {
+		earlier[m.UID] = true
+	}
 	run := startKmsctl(ctx, t, c, rotateArgs(c, append([]string{"--force"}, svmArgs...)...)...)
 	var name string
 	err := harness.Poll(ctx, 200*time.Millisecond, func() error {
-		m := migrationFor(ctx, t, c, "secrets")
+		m := migrationFor(ctx, t, c, "secrets", earlier)
 		if m == nil {
 			return errors.New("no migration for secrets yet")
 		}
@@ -151,9 +158,9 @@ func testSVMFailedStalledRerun(ctx context.Context, t *testing.T, c *harness.Clu
 	requireAllUnder(ctx, t, c, b, "secrets", "configmaps")
 }
 
-// migrationFor returns kmsctl's StorageVersionMigration for resource, or
-// nil.
-func migrationFor(ctx context.Context, t *testing.T, c *harness.Cluster, resource string) *svmv1.StorageVersionMigration {
+// migrationFor returns kmsctl's newest StorageVersionMigration for
+// resource, leaving out those in skip, or nil.
+func migrationFor(ctx context.Context, t *testing.T, c *harness.Cluster, resource string, skip map[types.UID]bool) *svmv1.StorageVersionMigration {
 	t.Helper()
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -165,7 +172,7 @@ func migrationFor(ctx context.Context, t *testing.T, c *harness.Cluster, resourc
 	var found *svmv1.StorageVersionMigration
 	for i := range list.Items {
 		m := &list.Items[i]
-		if m.Spec.Resource.Resource == resource && (found == nil || m.CreationTimestamp.After(found.CreationTimestamp.Time)) {
+		if m.Spec.Resource.Resource == resource && !skip[m.UID] && (found == nil || m.CreationTimestamp.After(found.CreationTimestamp.Time)) {
 			found = m
 		}
 	}
