@@ -115,7 +115,7 @@ func testSVMFailedStalledRerun(ctx context.Context, t *testing.T, c *harness.Clu
 	if m := migrationFor(ctx, t, c, "secrets", nil); m != nil {
 		earlier[m.UID] = true
 	}
-	run := startKmsctl(ctx, t, c, rotateArgs(c, append([]string{"--force"}, svmArgs...)...)...)
+	run := startKmsctl(ctx, t, c, rotateArgs(c, append([]string{"--force", "--migration-timeout", "5m"}, svmArgs...)...)...)
 	var name string
 	err := harness.Poll(ctx, 200*time.Millisecond, func() error {
 		m := migrationFor(ctx, t, c, "secrets", earlier)
@@ -151,7 +151,7 @@ func testSVMFailedStalledRerun(ctx context.Context, t *testing.T, c *harness.Clu
 	if err := c.ControllerManager.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	rep = rotate(ctx, t, c, 0, svmArgs...)
+	rep = rotate(ctx, t, c, 0, append([]string{"--migration-timeout", "5m"}, svmArgs...)...)
 	if rep.NewKeyID != b || rep.Remaining != 0 {
 		t.Errorf("rerun: new key %s (want %s), remaining %d", rep.NewKeyID, b, rep.Remaining)
 	}
