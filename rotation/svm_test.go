@@ -40,7 +40,7 @@ func newFakeMigrator(t *testing.T, existing ...runtime.Object) *fakeMigrator {
 		name := a.(k8stesting.GetAction).GetName()
 		obj, err := f.cs.Tracker().Get(svmGVR, "", name)
 		if err != nil {
-			return false, nil, nil // the tracker answers NotFound
+			return true, nil, err // NotFound, as the tracker would answer
 		}
 		if f.deleteAt > 0 && n == f.deleteAt {
 			if err := f.cs.Tracker().Delete(svmGVR, "", name); err != nil {
