@@ -296,7 +296,11 @@ func testRestartsMidRewrite(ctx context.Context, t *testing.T, c *harness.Cluste
 	addr := freeAddr(t)
 	done := make(chan kmsctlRun, 1)
 	go func() {
-		done <- runKmsctl(ctx, t, c, rotateArgs(c, "--force", "--retire", "--resources", "secrets,configmaps", "--concurrency", "1", "--metrics-addr", addr)...)
+		// The lease is renewed through the apiserver restarted below; the
+		// default duration outlasts that restart, as it does on a node (the
+		// 4 s of the other cases may not, and a lost lease rightly stops the run).
+		done <- runKmsctl(ctx, t, c, rotateArgs(c, "--force", "--retire", "--resources", "secrets,configmaps", "--concurrency", "1", "--metrics-addr", addr,
+			"--lease-duration", rotation.DefaultLeaseDuration.String())...)
 	}()
 	// Wait until the rewrite has made progress, from kmsctl's own metrics;
 	// a kmsctl that already ended will never serve them.

@@ -232,7 +232,21 @@ func (r *runner) run(ctx context.Context) error {
 	r.rep.LeaseTakenOver = lock.TakenOver()
 	ctx, release := lock.Hold(ctx)
 	defer r.release(ctx, lock, release)
+	err = r.underLease(ctx, lock, p)
+	if ctx.Err() != nil {
+		// The lease was lost (or the run was stopped): its cause, not
+		// "context canceled", is what the user must read.
+		if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			return stoppedBy(ctx)
+		}
+		return errors.Join(stoppedBy(ctx), err)
+	}
+	return err
+}
 
+// underLease is the part of a run that writes: it runs only while the
+// lease is held, and never retires once the run's context has ended.
+func (r *runner) underLease(ctx context.Context, lock *Lock, p plan) error {
 	g, err := r.decide(ctx, lock, p)
 	if err != nil {
 		return err
@@ -241,12 +255,25 @@ func (r *runner) run(ctx context.Context) error {
 		return err
 	}
 	result := r.reencrypt(ctx, lock, p, g)
+	if ctx.Err() != nil {
+		return result
+	}
 	if r.opts.Retire {
 		if err := r.retire(ctx, g.keyID); err != nil {
 			return errors.Join(result, err)
 		}
 	}
 	return result
+}
+
+// stoppedBy is why ctx ended: its cause (such as a lost lease), which
+// ctx.Err() hides behind context.Canceled.
+func stoppedBy(ctx context.Context) error {
+	cause := context.Cause(ctx)
+	if errors.Is(cause, ctx.Err()) {
+		return cause
+	}
+	return fmt.Errorf("run stopped: %w", cause)
 }
 
 // release gives the lease back when the run ends, however it ends.

@@ -11,12 +11,14 @@ import (
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/rest"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/kms-v2/kms-plugin/providers"
 	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
@@ -482,5 +484,31 @@ func TestRunRecordsTheTargetWithinCreate(t *testing.T) {
 	}
 	if got, want := atCreate, "file:k/2"; got != want {
 		t.Errorf("lease target when create ended: got %q, want %q", got, want)
+	}
+}
+
+// A run whose lease is taken while it rewrites stops, says it lost the
+// lease (not "context canceled"), and retires nothing.
+func TestRunStopsWhenTheLeaseIsLost(t *testing.T) {
+	c := newCluster(t, time.Hour, 40, 0)
+	o := opts(t, "secrets")
+	o.Force, o.Retire = true, true
+	o.Lock.Duration = 300 * time.Millisecond
+	o.AfterPhase = func(phase string) {
+		if phase != PhaseRewrite {
+			return
+		}
+		// Another run took the lease: every renewal now conflicts.
+		c.kube.PrependReactor("update", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+			return true, nil, apierrors.NewConflict(LeaseGVR.GroupResource(), DefaultLeaseName, errors.New("taken by another run"))
+		})
+		time.Sleep(time.Second) // several renewals: the run sees the lease gone
+	}
+	_, err := c.rotation(t).Run(context.Background(), o)
+	if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "lost the rotation lease") {
+		t.Fatalf("err: got %v, want the lost lease", err)
+	}
+	if got, want := c.rot.state("file:k/1"), providers.StateEnabled; got != want {
+		t.Errorf("old key after a lost lease: got %s, want %s", got, want)
 	}
 }
