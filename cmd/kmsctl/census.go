@@ -121,20 +121,31 @@ func takeCensus(ctx context.Context, f censusFlags) (*rotation.Census, error) {
 	if err != nil {
 		return nil, err
 	}
-	res, err := f.cluster.resolveResources(ctx, e, cfg)
+	c, res, err := countProven(ctx, f, cfg, e, proof)
 	if err != nil {
 		return nil, err
+	}
+	return c, rotation.CheckNotEmpty(ctx, meta, c, res)
+}
+
+// countProven is the census of a proven store (a live etcd or a
+// snapshot): the resources to count, how the apiserver writes each, and
+// the count, with the proof that it read the right store.
+func countProven(ctx context.Context, f censusFlags, cfg *rotation.EncryptionConfig, e rotation.Etcd, proof string) (*rotation.Census, []rotation.Resource, error) {
+	res, err := f.cluster.resolveResources(ctx, e, cfg)
+	if err != nil {
+		return nil, nil, err
 	}
 	writers, err := censusWriters(ctx, f, cfg, res)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	c, err := rotation.TakeCensus(ctx, e, res, writers, rotation.CensusOptions{StaleListLimit: f.limit})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	c.Proof = proof
-	return c, rotation.CheckNotEmpty(ctx, meta, c, res)
+	return c, res, nil
 }
 
 // censusWriters is how the apiserver writes each resource: the provider

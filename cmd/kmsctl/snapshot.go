@@ -68,19 +68,10 @@ func takeSnapshotCensus(ctx context.Context, f censusFlags) (*snapshotCensus, er
 	if err != nil {
 		return nil, err
 	}
-	res, err := f.cluster.resolveResources(ctx, e, cfg)
+	c, _, err := countProven(ctx, f, cfg, e, proof)
 	if err != nil {
 		return nil, err
 	}
-	writers, err := censusWriters(ctx, f, cfg, res)
-	if err != nil {
-		return nil, err
-	}
-	c, err := rotation.TakeCensus(ctx, e, res, writers, rotation.CensusOptions{StaleListLimit: f.limit})
-	if err != nil {
-		return nil, err
-	}
-	c.Proof = proof
 	if err := rotation.CheckSnapshotNotEmpty(c); err != nil {
 		return nil, err
 	}
