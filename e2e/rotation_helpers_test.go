@@ -34,8 +34,8 @@ type kmsctlRun struct {
 	killed         bool // ended by SIGKILL
 }
 
-// rotateArgs are the flags every rotate in these tests needs: the
-// kubeconfig of apiserver 0, etcd, and every apiserver so each is confirmed
+// rotateArgs are the flags every rotate in these tests needs: apiserver 0
+// as the shipped rotation ServiceAccount (its RBAC, under its FlowSchema), etcd, and every apiserver so each is confirmed
 // one by one. --keyset-distributed: the harness's plugins share one keyset
 // file (per-node key state kept the same on every "node").
 func rotateArgs(c *harness.Cluster, extra ...string) []string {
@@ -48,7 +48,7 @@ func perNodeRotateArgs(c *harness.Cluster, extra ...string) []string {
 	for _, a := range c.APIServers {
 		urls = append(urls, a.URL)
 	}
-	args := []string{"rotate", "--config", c.KmsctlConfig(), "--kubeconfig", c.APIServers[0].Kubeconfig,
+	args := []string{"rotate", "--config", c.KmsctlConfig(), "--kubeconfig", c.RotationKubeconfig,
 		"--etcd-endpoints", c.Etcd.Endpoint, "--apiservers", strings.Join(urls, ","),
 		"--lease-duration", "4s", "-o", "json"}
 	return append(args, extra...)

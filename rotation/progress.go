@@ -19,6 +19,9 @@ type Progress struct {
 	done  atomic.Int64
 	mu    sync.Mutex
 	label string
+	// paced says the limiter paces the running phase, so its figures
+	// belong on the line; another engine (StorageVersionMigration) is not.
+	paced bool
 	total int64
 	start time.Time
 	stop  chan struct{}
@@ -34,14 +37,19 @@ func NewProgress(out io.Writer, interval time.Duration, l *Limiter) *Progress {
 	return &Progress{out: out, interval: interval, limiter: l}
 }
 
-// Begin starts reporting a phase with an expected total (0 if unknown).
-func (p *Progress) Begin(label string, total int64) {
+// Begin starts reporting a phase with an expected total (0 if unknown),
+// with the limiter's figures on each line.
+func (p *Progress) Begin(label string, total int64) { p.BeginPaced(label, total, true) }
+
+// BeginPaced is Begin for a phase the limiter may not pace: paced false
+// leaves its concurrency and latency off the lines.
+func (p *Progress) BeginPaced(label string, total int64, paced bool) {
 	if p == nil {
 		return
 	}
 	p.End()
 	p.mu.Lock()
-	p.label, p.total, p.start = label, total, time.Now()
+	p.label, p.total, p.start, p.paced = label, total, time.Now(), paced
 	p.done.Store(0)
 	p.stop = make(chan struct{})
 	stop := p.stop
@@ -102,7 +110,7 @@ func (p *Progress) print(final bool) {
 		return
 	}
 	p.mu.Lock()
-	label, total, start := p.label, p.total, p.start
+	label, total, start, paced := p.label, p.total, p.start, p.paced
 	p.mu.Unlock()
 	done := p.done.Load()
 	el := time.Since(start)
@@ -118,7 +126,7 @@ func (p *Progress) print(final bool) {
 	if final {
 		line += fmt.Sprintf(", took %s", el.Round(time.Millisecond))
 	}
-	if p.limiter != nil {
+	if p.limiter != nil && paced {
 		s := p.limiter.Stats()
 		line += fmt.Sprintf(", concurrency %d, latency %s (baseline %s)", s.Limit, s.Latency.Round(time.Millisecond), s.Baseline.Round(time.Millisecond))
 		if s.Throttled > 0 {

@@ -68,10 +68,10 @@ func (r *runner) firstPass(ctx context.Context, before *Census, w Writers) error
 		var st RewriteStats
 		var err error
 		if 2*n < rc.Total {
-			r.Progress.Begin("rewrite "+res.Name+" (pass 1, stale only)", int64(n))
+			r.beginRewrite("rewrite "+res.Name+" (pass 1, stale only)", int64(n))
 			st, err = r.engine().Rewrite(ctx, RewriteRequest{Resource: res, Etcd: r.Etcd, Writer: w[res.Name]})
 		} else {
-			r.Progress.Begin("rewrite "+res.Name+" (pass 1)", int64(rc.Total))
+			r.beginRewrite("rewrite "+res.Name+" (pass 1)", int64(rc.Total))
 			st, err = r.engine().Rewrite(ctx, RewriteRequest{Resource: res, Listed: true, Etcd: r.Etcd, Writer: w[res.Name]})
 		}
 		if err := r.record(res.Name, st, err); err != nil {
@@ -91,13 +91,21 @@ func (r *runner) stalePass(ctx context.Context, c *Census, w Writers) error {
 			continue
 		}
 		res, _ := resourceNamed(r.opts.Resources, rc.Resource)
-		r.Progress.Begin(fmt.Sprintf("rewrite %s (pass %d, stale only)", res.Name, r.rep.Passes), int64(rc.Stale))
+		r.beginRewrite(fmt.Sprintf("rewrite %s (pass %d, stale only)", res.Name, r.rep.Passes), int64(rc.Stale))
 		st, err := r.engine().Rewrite(ctx, RewriteRequest{Resource: res, Etcd: r.Etcd, Writer: w[res.Name]})
 		if err := r.record(res.Name, st, err); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// beginRewrite starts the progress line of a resource's pass; the
+// limiter's figures are on it only when our own engine, which the limiter
+// paces, rewrites.
+func (r *runner) beginRewrite(label string, total int64) {
+	_, ours := r.engine().(*Rewriter)
+	r.Progress.BeginPaced(label, total, ours)
 }
 
 // record ends a resource's pass: progress, stats, and its error.

@@ -102,6 +102,10 @@ type Cluster struct {
 	Plugins []*Plugin
 	// ControllerManager is set with Options.ControllerManager.
 	ControllerManager *ControllerManager
+	// RotationKubeconfig is a kubeconfig for APIServers[0] as the shipped
+	// rotation ServiceAccount (RBAC and FlowSchema applied, a TokenRequest
+	// token): kmsctl runs as it, as the CronJob does, not as system:masters.
+	RotationKubeconfig string
 
 	opts    Options
 	bins    bins
@@ -262,6 +266,9 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 		if err := c.startControllerManager(ctx); err != nil {
 			return nil, err
 		}
+	}
+	if c.RotationKubeconfig, err = c.rotationIdentity(ctx); err != nil {
+		return nil, fmt.Errorf("harness: the rotation ServiceAccount: %w", err)
 	}
 	logf("harness: control plane ready in %s (folder %s)", time.Since(start).Round(100*time.Millisecond), dir)
 	c.onClose(c.saveMetrics) // first, while everything still runs

@@ -48,10 +48,7 @@ func run(cfg config) error {
 	if err != nil {
 		return err
 	}
-	b := &bench{cfg: cfg, c: c, idle: map[string]*window{}}
-	if b.saKC, err = rotationIdentity(ctx, c, root); err != nil {
-		return err
-	}
+	b := &bench{cfg: cfg, c: c, saKC: c.RotationKubeconfig, idle: map[string]*window{}}
 	for _, ns := range []string{"bench", "bench-writers"} {
 		if err := c.CreateNamespace(ctx, ns); err != nil {
 			return err

@@ -1,4 +1,4 @@
-package main
+package harness
 
 import (
 	"context"
@@ -12,36 +12,39 @@ import (
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
-
-	"github.com/kms-v2/kms-plugin/e2e/harness"
 )
 
-// rotationAccount is the shipped rotation ServiceAccount's name and
-// namespace (manifests/rotation-rbac.yaml), which the FlowSchema matches.
-const rotationAccount, rotationNamespace = "kmsctl-rotate", "kube-system"
+// RotationAccount is the shipped rotation ServiceAccount's name and
+// namespace (manifests/rotation-rbac.yaml), which the shipped FlowSchema
+// (manifests/rotation-flowcontrol.yaml) matches.
+const RotationAccount, RotationNamespace = "kmsctl-rotate", "kube-system"
 
-// rotationIdentity makes kmsctl run as production runs it: it applies the
+// rotationIdentity lets kmsctl run as production runs it: it applies the
 // shipped RBAC and flow-control objects, gets a token for the rotation
 // ServiceAccount from the TokenRequest API (kubectl create token), and
-// writes a kubeconfig that uses it. It proves the premise of the writers'
-// row: a request with that token is answered under the shipped FlowSchema
-// (X-Kubernetes-PF-FlowSchema-UID), so kmsctl is not exempt from API
-// Priority and Fairness as system:masters is.
-func rotationIdentity(ctx context.Context, c *harness.Cluster, root string) (string, error) {
+// writes a kubeconfig for apiserver 0 that uses it. It proves its premise:
+// a request with that token is answered under the shipped FlowSchema
+// (X-Kubernetes-PF-FlowSchema-UID), so kmsctl is neither system:masters
+// nor exempt from API Priority and Fairness.
+func (c *Cluster) rotationIdentity(ctx context.Context) (string, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
 	for _, f := range []string{"manifests/rotation-rbac.yaml", "manifests/rotation-flowcontrol.yaml"} {
-		if out, err := kubectl(ctx, c, "apply", "--server-side", "-f", filepath.Join(root, f)); err != nil {
+		if out, err := c.kubectl(ctx, "apply", "--server-side", "-f", filepath.Join(root, f)); err != nil {
 			return "", fmt.Errorf("apply %s: %w\n%s", f, err, out)
 		}
 	}
-	token, err := kubectl(ctx, c, "-n", rotationNamespace, "create", "token", rotationAccount, "--duration=3h")
+	token, err := c.kubectl(ctx, "-n", RotationNamespace, "create", "token", RotationAccount, "--duration=3h")
 	if err != nil {
-		return "", fmt.Errorf("kubectl create token %s: %w\n%s", rotationAccount, err, token)
+		return "", fmt.Errorf("kubectl create token %s: %w\n%s", RotationAccount, err, token)
 	}
-	uid, err := kubectl(ctx, c, "get", "flowschema", rotationAccount, "-o", "jsonpath={.metadata.uid}")
+	uid, err := c.kubectl(ctx, "get", "flowschema", RotationAccount, "-o", "jsonpath={.metadata.uid}")
 	if err != nil || uid == "" {
-		return "", fmt.Errorf("the shipped FlowSchema %s: %v\n%s", rotationAccount, err, uid)
+		return "", fmt.Errorf("the shipped FlowSchema %s: %v\n%s", RotationAccount, err, uid)
 	}
-	kc, err := tokenKubeconfig(c, strings.TrimSpace(token))
+	kc, err := c.tokenKubeconfig(strings.TrimSpace(token))
 	if err != nil {
 		return "", err
 	}
@@ -52,7 +55,7 @@ func rotationIdentity(ctx context.Context, c *harness.Cluster, root string) (str
 }
 
 // kubectl runs kubectl as the cluster admin.
-func kubectl(ctx context.Context, c *harness.Cluster, args ...string) (string, error) {
+func (c *Cluster) kubectl(ctx context.Context, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, c.KubectlPath(), append([]string{"--kubeconfig", c.APIServers[0].Kubeconfig}, args...)...)
@@ -62,7 +65,7 @@ func kubectl(ctx context.Context, c *harness.Cluster, args ...string) (string, e
 
 // tokenKubeconfig is the admin kubeconfig with its user replaced by the
 // token, written next to it.
-func tokenKubeconfig(c *harness.Cluster, token string) (string, error) {
+func (c *Cluster) tokenKubeconfig(token string) (string, error) {
 	admin := c.APIServers[0].Kubeconfig
 	cfg, err := clientcmd.LoadFromFile(admin)
 	if err != nil {
@@ -74,7 +77,7 @@ func tokenKubeconfig(c *harness.Cluster, token string) (string, error) {
 		a.Token = token
 		cfg.AuthInfos[name] = a
 	}
-	path := filepath.Join(filepath.Dir(admin), rotationAccount+".kubeconfig")
+	path := filepath.Join(filepath.Dir(admin), RotationAccount+".kubeconfig")
 	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
 		return "", err
 	}
@@ -104,10 +107,10 @@ func checkFlowSchema(ctx context.Context, kubeconfig, server, uid string) error 
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("list secrets as %s: %s (the shipped RBAC allows it)", rotationAccount, resp.Status)
+		return fmt.Errorf("list secrets as %s: %s (the shipped RBAC allows it)", RotationAccount, resp.Status)
 	}
 	if got := resp.Header.Get("X-Kubernetes-PF-FlowSchema-UID"); got != uid {
-		return fmt.Errorf("requests of %s matched FlowSchema uid %q, not the shipped %s (%s)", rotationAccount, got, rotationAccount, uid)
+		return fmt.Errorf("requests of %s matched FlowSchema uid %q, not the shipped %s (%s)", RotationAccount, got, RotationAccount, uid)
 	}
 	return nil
 }
