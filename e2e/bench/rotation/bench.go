@@ -181,6 +181,12 @@ func (b *bench) kmsctl(ctx context.Context, method, cond string, round int, kube
 	res.cpu = cpu.since()
 	res.cpu["kmsctl"] = processCPU(res.ps)
 	res.method, res.cond, res.round, res.writers, res.objects = method, cond, round, w, b.objects
+	switch method {
+	case methodSaturated:
+		res.name = "saturated: " + res.name + ", no writers"
+	case methodScale:
+		res.name = fmt.Sprintf("%s at %d secrets", res.name, b.objects)
+	}
 	b.results = append(b.results, res)
 	log.Printf("%s %s round %d: %s, writers p99 %s, %s", method, cond, round, res.wall.Round(10*time.Millisecond), w.p(0.99), cpuLine(res.cpu))
 	time.Sleep(2 * time.Second)

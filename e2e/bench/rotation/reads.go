@@ -70,6 +70,13 @@ func rawRead(ctx context.Context, endpoint, prefix string) (int, float64, error)
 	}
 	defer cli.Close()
 	end := clientv3.GetPrefixRangeEnd(prefix)
+	// Connect first, as the census has before it scans.
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	_, err = cli.Get(wctx, prefix, clientv3.WithRange(end), clientv3.WithLimit(1), clientv3.WithKeysOnly())
+	cancel()
+	if err != nil {
+		return 0, 0, fmt.Errorf("raw range read of %s: %w", prefix, err)
+	}
 	from, n, start := prefix, 0, time.Now()
 	for {
 		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
