@@ -139,31 +139,7 @@ func testRotateUnderLoad(ctx context.Context, t *testing.T, c *harness.Cluster) 
 		t.Errorf("secrets rewrite: %+v, want at least %d objects visited", st, secrets)
 	}
 	t.Logf("secrets rewrite: %d rewritten, %d unchanged, %d conflicts in %s", st.Rewritten, st.Unchanged, st.Conflicts, st.Duration)
-	if len(w.errs) > 0 {
-		t.Errorf("writers saw %d errors other than 409, first: %v", len(w.errs), w.errs[0])
-	}
-	t.Logf("writers: %d acknowledged writes, %d conflicts", w.writes, w.conflicts)
-	if w.writes == 0 {
-		t.Fatal("writers made no write")
-	}
-	for i, api := range c.APIServers {
-		list, err := api.Client.CoreV1().Secrets(ns).List(ctx, metav1.ListOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		got := map[string]string{}
-		for _, s := range list.Items {
-			got[s.Name] = string(s.Data["v"])
-		}
-		if len(got) != secrets {
-			t.Errorf("apiserver %d lists %d secrets, want %d", i, len(got), secrets)
-		}
-		for name, want := range w.acked {
-			if got[name] != want && got[name] != w.inFlight[name] {
-				t.Errorf("apiserver %d: secret %s reads %q, want the acknowledged %q", i, name, got[name], want)
-			}
-		}
-	}
+	requireWritesKept(ctx, t, c, ns, secrets, w)
 }
 
 // testRetireRefuses: --retire disables nothing while even one object is
