@@ -99,7 +99,7 @@ type Options struct {
 	// PassiveWait is waited instead of confirming when the apiservers
 	// cannot be reached one by one (3 + N + M minutes).
 	PassiveWait time.Duration
-	// MaxPasses bounds the rewrite passes (default 5).
+	// MaxPasses bounds the rewrite passes (default DefaultMaxPasses).
 	MaxPasses int
 	// Lock says how to take the rotation lease.
 	Lock LockOptions
@@ -189,6 +189,11 @@ type PhaseTiming struct {
 	Seconds  float64  `json:"seconds"`
 }
 
+// DefaultMaxPasses bounds the rewrite passes of a run: later passes patch
+// only what a census found still stale (an object a writer or a restarting
+// apiserver kept from the pass before), so a few are cheap.
+const DefaultMaxPasses = 5
+
 // Run performs one rotation run. It always first finishes a rotation in
 // progress (a target recorded in the lease, or objects not stored as the
 // apiserver writes now), then rotates to a new version only with Force or
@@ -197,7 +202,9 @@ type PhaseTiming struct {
 // again after a crash at any point finishes the job without redoing done
 // work.
 func (rot *Rotation) Run(ctx context.Context, opts Options) (*Report, error) {
-	opts.MaxPasses = max(opts.MaxPasses, 1)
+	if opts.MaxPasses <= 0 {
+		opts.MaxPasses = DefaultMaxPasses
+	}
 	if opts.ConfirmTimeout <= 0 {
 		opts.ConfirmTimeout = 3 * time.Minute
 	}

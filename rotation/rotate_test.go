@@ -512,3 +512,27 @@ func TestRunStopsWhenTheLeaseIsLost(t *testing.T) {
 		t.Errorf("old key after a lost lease: got %s, want %s", got, want)
 	}
 }
+
+// Without MaxPasses a run still makes further passes for what one pass
+// left (here a patch refused once, as a restarting apiserver whose RBAC
+// cache is cold refuses it), so the CLI, which sets none, finishes.
+func TestRunDefaultPassesFinishWhatOnePassLeft(t *testing.T) {
+	c := newCluster(t, time.Hour, 10, 0)
+	var refused atomic.Bool
+	c.api.onPatch = func(key string) (int, string) {
+		if strings.HasSuffix(key, "obj-0007") && refused.CompareAndSwap(false, true) {
+			return http.StatusForbidden, ""
+		}
+		return 0, ""
+	}
+	o := opts(t, "secrets")
+	o.MaxPasses = 0
+	o.Force = true
+	rep, err := c.rotation(t).Run(context.Background(), o)
+	if err != nil {
+		t.Fatalf("err: %v", err)
+	}
+	if got, want := rep.Passes, 2; got != want {
+		t.Errorf("passes: got %d, want %d", got, want)
+	}
+}
