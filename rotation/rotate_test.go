@@ -494,15 +494,19 @@ func TestRunStopsWhenTheLeaseIsLost(t *testing.T) {
 	o := opts(t, "secrets")
 	o.Force, o.Retire = true, true
 	o.Lock.Duration = 300 * time.Millisecond
-	o.AfterPhase = func(phase string) {
-		if phase != PhaseRewrite {
-			return
+	// Once another run has taken the lease, every renewal conflicts.
+	var taken atomic.Bool
+	c.kube.PrependReactor("update", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if !taken.Load() {
+			return false, nil, nil
 		}
-		// Another run took the lease: every renewal now conflicts.
-		c.kube.PrependReactor("update", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
-			return true, nil, apierrors.NewConflict(LeaseGVR.GroupResource(), DefaultLeaseName, errors.New("taken by another run"))
-		})
-		time.Sleep(time.Second) // several renewals: the run sees the lease gone
+		return true, nil, apierrors.NewConflict(LeaseGVR.GroupResource(), DefaultLeaseName, errors.New("taken by another run"))
+	})
+	o.AfterPhase = func(phase string) {
+		if phase == PhaseRewrite {
+			taken.Store(true)
+			time.Sleep(time.Second) // several renewals: the run sees the lease gone
+		}
 	}
 	_, err := c.rotation(t).Run(context.Background(), o)
 	if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "lost the rotation lease") {

@@ -81,21 +81,48 @@ func Get(ctx context.Context, s Store, key string) (KeyValue, bool, error) {
 // small enough that memory does not depend on the cluster's size.
 const DefaultPageSize = 500
 
-// Scan calls fn for every entry under prefix, page by page.
+// Scan calls fn for every entry under prefix, in key order, page by page.
+// The next page is fetched while fn handles the current one, so a census
+// takes about as long as the reads alone rather than reads plus judging;
+// at most three pages are held at once, whatever the prefix holds.
 func Scan(ctx context.Context, s Store, prefix string, pageSize int64, fn func(KeyValue) error) error {
 	if pageSize <= 0 {
 		pageSize = DefaultPageSize
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pages := make(chan []KeyValue, 1)
+	fetched := make(chan error, 1)
+	go func() {
+		defer close(pages)
+		fetched <- fetchPages(ctx, s, prefix, pageSize, pages)
+	}()
+	for page := range pages {
+		for _, kv := range page {
+			if err := fn(kv); err != nil {
+				cancel()
+				for range pages { // the fetcher ends at the cancel
+				}
+				return err
+			}
+		}
+	}
+	return <-fetched
+}
+
+// fetchPages sends every page under prefix to pages until the last one
+// or ctx's end.
+func fetchPages(ctx context.Context, s Store, prefix string, pageSize int64, pages chan<- []KeyValue) error {
 	from, end := prefix, clientv3.GetPrefixRangeEnd(prefix)
 	for {
 		page, err := s.Range(ctx, from, end, pageSize)
 		if err != nil {
 			return err
 		}
-		for _, kv := range page {
-			if err := fn(kv); err != nil {
-				return err
-			}
+		select {
+		case pages <- page:
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 		if int64(len(page)) < pageSize {
 			return nil
