@@ -59,6 +59,9 @@ func (f *clusterFlags) validate() error {
 	if len(f.endpoints) == 0 {
 		return errors.New("--etcd-endpoints is required: kmsctl proves its counts from etcd, read directly")
 	}
+	if (f.cert == "") != (f.keyPEM == "") {
+		return fmt.Errorf("--etcd-cert and --etcd-key go together: give both halves of etcd's client pair (kubeadm: %s)", kubeadmEtcdClient)
+	}
 	return nil
 }
 
@@ -81,7 +84,18 @@ func (f *clusterFlags) openEtcd() (rotation.Etcd, func(), error) {
 	if err != nil {
 		return rotation.Etcd{}, nil, fmt.Errorf("etcd %s: %w", strings.Join(f.endpoints, ","), err)
 	}
-	store := etcdlayout.EtcdStore{KV: cli.KV, Endpoints: f.endpoints}
+	store := etcdlayout.EtcdStore{KV: cli.KV, Endpoints: f.endpoints, Diagnose: func(ctx context.Context) error {
+		for _, ep := range f.endpoints {
+			err := diagnoseEtcd(ctx, ep, cfg.TLS)
+			if err != nil && len(f.endpoints) > 1 {
+				return fmt.Errorf("%s: %w", ep, err)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}}
 	return rotation.Etcd{Store: store, Layout: layout}, func() { cli.Close() }, nil
 }
 

@@ -53,6 +53,8 @@ func TestRotateFlagErrors(t *testing.T) {
 		{name: "keep-readable without retire", args: []string{"--config", "x.yaml", "--keep-readable", "s.db"}, want: "--keep-readable only guards --retire"},
 		{name: "unknown rewrite engine", args: []string{"--config", "x.yaml", "--rewrite-with", "svm"}, want: `--rewrite-with "svm": want kmsctl or storageversionmigration`},
 		{name: "zero migration timeout", args: []string{"--config", "x.yaml", "--rewrite-with", "storageversionmigration", "--migration-timeout", "0s"}, want: "--migration-timeout 0s: want more than 0"},
+		{name: "etcd key without cert", args: []string{"--config", "x.yaml", "--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-key", "c.key"}, want: "--etcd-cert and --etcd-key go together"},
+		{name: "etcd cert without key", args: []string{"--config", "x.yaml", "--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-cert", "c.crt"}, want: "--etcd-cert and --etcd-key go together"},
 		{name: "storageversionmigration accepted", args: []string{"--config", "x.yaml", "--rewrite-with", "storageversionmigration"}, want: "--etcd-endpoints is required"},
 	}
 	for _, tt := range tests {

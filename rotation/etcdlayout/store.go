@@ -41,6 +41,11 @@ type EtcdStore struct {
 	Endpoints []string
 	// Timeout bounds each request (default DefaultRequestTimeout).
 	Timeout time.Duration
+	// Diagnose, if set, is asked why etcd did not answer within Timeout
+	// (a refused TLS handshake looks like silence to the client, which
+	// keeps retrying it); its error, naming the fix, replaces the generic
+	// one. It returns nil when it cannot tell.
+	Diagnose func(context.Context) error
 }
 
 // Describe implements Store.
@@ -57,6 +62,11 @@ func (s EtcdStore) Range(ctx context.Context, from, end string, limit int64) ([]
 	resp, err := s.KV.Get(rctx, from, clientv3.WithRange(end), clientv3.WithLimit(limit))
 	if err != nil {
 		if ctx.Err() == nil && errors.Is(rctx.Err(), context.DeadlineExceeded) {
+			if s.Diagnose != nil {
+				if why := s.Diagnose(ctx); why != nil {
+					return nil, fmt.Errorf("%s did not answer within %s: %w", s.Describe(), timeout, why)
+				}
+			}
 			return nil, fmt.Errorf("%s did not answer within %s (is it running, and are --etcd-endpoints and its TLS flags right?)", s.Describe(), timeout)
 		}
 		return nil, fmt.Errorf("%s: range %s: %w", s.Describe(), from, err)

@@ -2,6 +2,7 @@ package etcdlayout
 
 import (
 	"context"
+	"errors"
 	"net"
 	"strings"
 	"testing"
@@ -78,6 +79,35 @@ func TestEtcdStoreDeadline(t *testing.T) {
 			}
 			if msg := err.Error(); !strings.Contains(msg, ep) || !strings.Contains(msg, "did not answer within 1s") || strings.Contains(msg, "\n") {
 				t.Errorf("error %q: want one line naming %s and the deadline", msg, ep)
+			}
+		})
+	}
+}
+
+// TestEtcdStoreDiagnose: when etcd does not answer, the store asks its
+// Diagnose hook why and puts the answer, which names the fix, in the one
+// error line; without an answer the generic hint stays.
+func TestEtcdStoreDiagnose(t *testing.T) {
+	ep := refusedEndpoint(t)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	for _, tt := range []struct {
+		name     string
+		diagnose func(context.Context) error
+		want     string
+	}{
+		{"answered", func(context.Context) error { return errors.New("it serves TLS; write https://") }, "did not answer within 1s: it serves TLS; write https://"},
+		{"no answer", func(context.Context) error { return nil }, "are --etcd-endpoints and its TLS flags right?"},
+		{"no hook", nil, "are --etcd-endpoints and its TLS flags right?"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := EtcdStore{KV: cli.KV, Endpoints: []string{ep}, Timeout: time.Second, Diagnose: tt.diagnose}
+			_, _, err := Get(context.Background(), s, Default().Key("namespaces", "", "kube-system"))
+			if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), ep) {
+				t.Errorf("got %v, want an error naming %s and saying %q", err, ep, tt.want)
 			}
 		})
 	}
