@@ -76,8 +76,8 @@ func snapshotCensus(ctx context.Context, t *testing.T, c *harness.Cluster, snap 
 // liveKeyIDs runs the live `kmsctl census` and lists the key_ids it counts.
 func liveKeyIDs(ctx context.Context, t *testing.T, c *harness.Cluster) []string {
 	t.Helper()
-	r := runKmsctl(ctx, t, c, "census", "--kubeconfig", c.APIServers[0].Kubeconfig, "--etcd-endpoints", c.Etcd.Endpoint,
-		"--resources", "secrets,configmaps", "-o", "json")
+	args := append([]string{"census", "--kubeconfig", c.APIServers[0].Kubeconfig}, c.EtcdFlags()...)
+	r := runKmsctl(ctx, t, c, append(args, "--resources", "secrets,configmaps", "-o", "json")...)
 	if r.code != 0 {
 		t.Fatalf("census: exit %d\n%s", r.code, r.stderr)
 	}

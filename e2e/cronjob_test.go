@@ -4,11 +4,9 @@ package e2e
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,32 +51,30 @@ func loadCronJob(t *testing.T, root string) cronJob {
 // supplementalGroups with every capability dropped and no new privileges,
 // with the host files its volumes name bind-mounted at its mount paths (in
 // a private mount namespace), and as its ServiceAccount through in-cluster
-// config: a token from the TokenRequest API for the shipped RBAC, applied
-// for real. Two runs: the CronJob's args as written (a young key: nothing
-// to rotate, exit 0), then with --force for --if-older-than (a full
-// rotation and retire).
+// config: the harness applied the shipped RBAC and FlowSchema for real,
+// took a token from the TokenRequest API and proved the FlowSchema
+// classifies it. Every volume is mounted, etcd's CA and client
+// certificate and key included: the harness's etcd demands them, as
+// kubeadm's does. Two runs: the CronJob's args as written (a young key:
+// nothing to rotate, exit 0), then with --force for --if-older-than (a
+// full rotation and retire).
 //
-// What differs from the node, and why: the harness's etcd serves plain
-// HTTP on another port, so --etcd-endpoints is replaced and the three etcd
-// TLS flags and their mounts are dropped; the "kubernetes" EndpointSlice
-// points at the harness's advertise address, so --apiservers names the
-// apiserver; the metrics port is left out so a busy port cannot fail it.
-func testRotationCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, k kubectl, root string) {
+// What differs from the node, and why: the harness's etcd listens on
+// another port than 2379, so --etcd-endpoints is replaced; the
+// "kubernetes" EndpointSlice points at the harness's advertise address, so
+// --apiservers names the apiserver; the metrics port is left out so a busy
+// port cannot fail it.
+func testRotationCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, root string) {
 	for _, tool := range []string{"unshare", "setpriv"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s is needed to run the CronJob as its pod would: %v", tool, err)
 		}
 	}
 	cj := loadCronJob(t, root)
-	rbac := filepath.Join(root, "manifests/rotation-rbac.yaml")
-	if out, err := k.run(ctx, nil, "apply", "--server-side", "-f", rbac); err != nil {
-		t.Fatalf("apply manifests/rotation-rbac.yaml: %v\n%s", err, out)
+	if got := cj.spec.ServiceAccountName; got != harness.RotationAccount {
+		t.Fatalf("manifests/rotation-cronjob.yaml runs as ServiceAccount %q; the shipped RBAC and FlowSchema are for %q", got, harness.RotationAccount)
 	}
-	token, err := k.run(ctx, nil, "-n", "kube-system", "create", "token", cj.spec.ServiceAccountName, "--duration=1h")
-	if err != nil {
-		t.Fatalf("kubectl create token %s: %v\n%s", cj.spec.ServiceAccountName, err, token)
-	}
-	checkFlowSchema(ctx, t, c, k, root, strings.TrimSpace(token))
+	token := c.RotationToken
 	host := nodeFiles(t, c, root)
 	before, err := c.PrimaryKeyID()
 	if err != nil {
@@ -87,13 +83,13 @@ func testRotationCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, 
 
 	ca := filepath.Join(filepath.Dir(c.APIServers[0].Kubeconfig), "certs", "apiserver.crt")
 	host["ca.crt"] = ca
-	report := runCronJob(ctx, t, c, cj, host, strings.TrimSpace(token), false)
+	report := runCronJob(ctx, t, c, cj, host, token, false)
 	if after, _ := c.PrimaryKeyID(); after != before {
 		t.Errorf("the CronJob as written rotated a young key: primary %s -> %s", before, after)
 	}
 	t.Logf("as written: %s", report)
 
-	t.Logf("forced: %s", runCronJob(ctx, t, c, cj, host, strings.TrimSpace(token), true))
+	t.Logf("forced: %s", runCronJob(ctx, t, c, cj, host, token, true))
 	after, err := c.PrimaryKeyID()
 	if err != nil || after == before {
 		t.Fatalf("with --force: primary %s -> %s (%v), want a new one", before, after, err)
@@ -135,9 +131,13 @@ func nodeFiles(t *testing.T, c *harness.Cluster, root string) map[string]string 
 			t.Fatal(err)
 		}
 	}
+	pki := c.EtcdPKI
 	return map[string]string{
 		"/etc/kms-plugin": c.SharedDir,
 		"/etc/kubernetes/enc/encryption-config.yaml": c.APIServers[0].EncryptionConfig,
+		pki.NodePath(pki.CA):                         pki.CA,
+		pki.NodePath(pki.ClientCert):                 pki.ClientCert,
+		pki.NodePath(pki.ClientKey):                  pki.ClientKey,
 	}
 }
 
@@ -182,7 +182,7 @@ func cronJobArgs(t *testing.T, c *harness.Cluster, args []string, force bool) []
 	for _, a := range args {
 		name, _, _ := strings.Cut(a, "=")
 		switch name {
-		case "--etcd-cacert", "--etcd-cert", "--etcd-key", "--metrics-addr":
+		case "--metrics-addr":
 			continue
 		case "--if-older-than":
 			if force {
@@ -206,8 +206,8 @@ func saFiles(t *testing.T, token, ca string) string {
 
 // mounts bind-mounts each hostPath volume's host file at the container's
 // mount path, read-only where the manifest says so (/etc is an overlay by
-// then, so the mount points made here never reach the machine). Volumes for files the
-// harness has no counterpart of (the etcd TLS files) are skipped.
+// then, so the mount points made here never reach the machine). A volume
+// the harness has no file for fails the test: the pod would not start.
 func mounts(t *testing.T, cj cronJob, host map[string]string) string {
 	t.Helper()
 	var b strings.Builder
@@ -221,23 +221,29 @@ func mounts(t *testing.T, cj cronJob, host map[string]string) string {
 		}
 		src, ok := host[hp]
 		if !ok {
-			continue
+			t.Fatalf("manifests/rotation-cronjob.yaml mounts host path %q (volume %s), which this test does not lay out", hp, m.Name)
 		}
 		n++
-		if fi, err := os.Stat(src); err == nil && fi.IsDir() {
-			fmt.Fprintf(&b, "mkdir -p %q\n", m.MountPath)
-		} else {
-			fmt.Fprintf(&b, "mkdir -p %q; touch %q\n", filepath.Dir(m.MountPath), m.MountPath)
-		}
-		fmt.Fprintf(&b, "mount --bind %q %q\n", src, m.MountPath)
-		if m.ReadOnly {
-			fmt.Fprintf(&b, "mount -o remount,bind,ro %q\n", m.MountPath)
-		}
+		bindMount(&b, src, m.MountPath, m.ReadOnly)
 	}
 	if n != len(host)-1 { // all but ca.crt, which is the ServiceAccount's
 		t.Fatalf("the CronJob mounts %d of the %d host paths it needs (%v)", n, len(host), host)
 	}
 	return b.String()
+}
+
+// bindMount adds to b the lines that bind-mount src at dst, made first as
+// a folder or an empty file like src, and read-only if ro.
+func bindMount(b *strings.Builder, src, dst string, ro bool) {
+	if fi, err := os.Stat(src); err == nil && fi.IsDir() {
+		fmt.Fprintf(b, "mkdir -p %q\n", dst)
+	} else {
+		fmt.Fprintf(b, "mkdir -p %q; touch %q\n", filepath.Dir(dst), dst)
+	}
+	fmt.Fprintf(b, "mount --bind %q %q\n", src, dst)
+	if ro {
+		fmt.Fprintf(b, "mount -o remount,bind,ro %q\n", dst)
+	}
 }
 
 // identity is setpriv's arguments for the pod's user, groups and the
@@ -268,40 +274,4 @@ func shellQuote(args []string) string {
 		q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
 	}
 	return strings.Join(q, " ")
-}
-
-// checkFlowSchema applies the shipped API Priority and Fairness objects
-// for real and checks that a request made with the rotation's
-// ServiceAccount token is classified by the shipped FlowSchema: the
-// apiserver names the matching FlowSchema's uid in
-// X-Kubernetes-PF-FlowSchema-UID on every response.
-func checkFlowSchema(ctx context.Context, t *testing.T, c *harness.Cluster, k kubectl, root, token string) {
-	t.Helper()
-	file := filepath.Join(root, "manifests/rotation-flowcontrol.yaml")
-	if out, err := k.run(ctx, nil, "apply", "--server-side", "-f", file); err != nil {
-		t.Fatalf("apply manifests/rotation-flowcontrol.yaml: %v\n%s", err, out)
-	}
-	uid, err := k.run(ctx, nil, "get", "flowschema", "kmsctl-rotate", "-o", "jsonpath={.metadata.uid}")
-	if err != nil || uid == "" {
-		t.Fatalf("the shipped FlowSchema kmsctl-rotate: %v\n%s", err, uid)
-	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.APIServers[0].URL+"/api/v1/namespaces/kube-system/secrets?limit=1", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} // loopback, self-signed
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("list secrets as the rotation ServiceAccount: %s (the shipped RBAC allows it)", resp.Status)
-	}
-	if got := resp.Header.Get("X-Kubernetes-PF-FlowSchema-UID"); got != uid {
-		t.Errorf("the rotation ServiceAccount's request matched FlowSchema uid %q, want the shipped kmsctl-rotate (%s)", got, uid)
-	}
 }

@@ -85,7 +85,8 @@ func TestManifestsApply(t *testing.T) {
 	}
 
 	t.Run("Kustomize", func(t *testing.T) { testKustomize(ctx, t, k, filepath.Join(root, "manifests")) })
-	t.Run("RotationCronJob", func(t *testing.T) { testRotationCronJob(ctx, t, c, k, root) })
+	t.Run("RotationCronJob", func(t *testing.T) { testRotationCronJob(ctx, t, c, root) })
+	t.Run("ReadmeClusterSteps", func(t *testing.T) { testReadmeClusterSteps(ctx, t, c, k, root) })
 }
 
 // testKustomize renders the kustomize base and applies it (dry-run), then

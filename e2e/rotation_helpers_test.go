@@ -48,9 +48,8 @@ func perNodeRotateArgs(c *harness.Cluster, extra ...string) []string {
 	for _, a := range c.APIServers {
 		urls = append(urls, a.URL)
 	}
-	args := []string{"rotate", "--config", c.KmsctlConfig(), "--kubeconfig", c.RotationKubeconfig,
-		"--etcd-endpoints", c.Etcd.Endpoint, "--apiservers", strings.Join(urls, ","),
-		"--lease-duration", "4s", "-o", "json"}
+	args := append([]string{"rotate", "--config", c.KmsctlConfig(), "--kubeconfig", c.RotationKubeconfig}, c.EtcdFlags()...)
+	args = append(args, "--apiservers", strings.Join(urls, ","), "--lease-duration", "4s", "-o", "json")
 	return append(args, extra...)
 }
 

@@ -41,6 +41,7 @@ func TestRotationTrust(t *testing.T) {
 
 	t.Run("WrongEtcd", func(t *testing.T) { testWrongEtcd(ctx, t, c) })
 	t.Run("DeadEtcd", func(t *testing.T) { testDeadEtcd(ctx, t, c) })
+	t.Run("EtcdTLS", func(t *testing.T) { testEtcdTLS(ctx, t, c) })
 	t.Run("ProviderRename", func(t *testing.T) { testProviderRename(ctx, t, c) })
 	t.Run("AdoptPlaintext", func(t *testing.T) {
 		testAdopt(ctx, t, c, "plain", []harness.EncryptionProvider{harness.Identity(), harness.KMS(c.ProviderName)},
@@ -76,7 +77,7 @@ func testWrongEtcd(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	if r.code != 1 || r.killed {
 		t.Errorf("rotate against the spare etcd: exit %d (killed %v), want 1\nstderr:\n%s", r.code, r.killed, r.stderr)
 	}
-	host := strings.TrimPrefix(spare.Endpoint, "http://")
+	host := strings.TrimPrefix(spare.Endpoint, "https://")
 	t.Logf("rotate against the spare etcd: %s", lastLine(r.stderr))
 	if !strings.Contains(lastLine(r.stderr), host) {
 		t.Errorf("rotate's error line does not name the etcd it read (%s):\n%s", host, r.stderr)
@@ -124,7 +125,7 @@ func testDeadEtcd(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	}
 	for _, ep := range endpoints {
 		t.Run(ep.name, func(t *testing.T) {
-			url := "http://" + ep.addr
+			url := "https://" + ep.addr
 			for _, cmd := range []struct {
 				name string
 				args []string
@@ -520,9 +521,8 @@ func rewriteNotCurrent(ctx context.Context, c *harness.Cluster) error {
 // kubeconfig (the etcd proof), the etcd and prefix, the plugin config (the
 // current key_id), the EncryptionConfiguration (which provider writes), JSON.
 func censusArgs(c *harness.Cluster, extra ...string) []string {
-	args := []string{"census", "--config", c.KmsctlConfig(), "--kubeconfig", c.APIServers[0].Kubeconfig,
-		"--etcd-endpoints", c.Etcd.Endpoint, "--etcd-prefix", c.Layout.Prefix(),
-		"--encryption-config", c.APIServers[0].EncryptionConfig, "-o", "json"}
+	args := append([]string{"census", "--config", c.KmsctlConfig(), "--kubeconfig", c.APIServers[0].Kubeconfig}, c.EtcdFlags()...)
+	args = append(args, "--etcd-prefix", c.Layout.Prefix(), "--encryption-config", c.APIServers[0].EncryptionConfig, "-o", "json")
 	for i := 0; i < len(extra); i++ {
 		if i+1 < len(extra) && strings.HasPrefix(extra[i], "--") && hasFlagArg(args, extra[i]) {
 			args = withFlag(args, extra[i], extra[i+1])

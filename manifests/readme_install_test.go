@@ -9,28 +9,17 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kms-v2/kms-plugin/internal/readme"
 )
 
-// readmeBlock returns the fenced shell block that follows the marker
-// comment <!-- NAME: ... --> in the README, so the test runs exactly what
-// users copy.
+// readmeBlock returns the README block marked name (internal/readme), or
+// fails the test.
 func readmeBlock(t *testing.T, name string) string {
 	t.Helper()
-	b, err := os.ReadFile("../README.md")
+	block, err := readme.Block("../README.md", name)
 	if err != nil {
 		t.Fatal(err)
-	}
-	_, rest, ok := strings.Cut(string(b), "<!-- "+name+":")
-	if !ok {
-		t.Fatalf("README.md has no <!-- %s: --> marker", name)
-	}
-	_, rest, ok = strings.Cut(rest, "```sh\n")
-	if !ok {
-		t.Fatalf("README.md: no ```sh block after the %s marker", name)
-	}
-	block, _, ok := strings.Cut(rest, "```")
-	if !ok {
-		t.Fatalf("README.md: the %s block is not closed", name)
 	}
 	return block
 }

@@ -101,6 +101,9 @@ func (c *Cluster) newAPIServer(i int) (*APIServer, error) {
 	}
 	args := []string{
 		"--etcd-servers", c.Etcd.Endpoint,
+		"--etcd-cafile", c.EtcdPKI.CA,
+		"--etcd-certfile", c.EtcdPKI.ClientCert,
+		"--etcd-keyfile", c.EtcdPKI.ClientKey,
 		"--secure-port", fmt.Sprint(port),
 		"--bind-address", "127.0.0.1",
 		"--cert-dir", filepath.Join(dir, "certs"),

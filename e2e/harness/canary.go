@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -197,6 +198,9 @@ func walkConfig(v any, parent string, fn func(parent, key, value string)) {
 // scraped metrics.
 func (c *Cluster) checkLeaks() error {
 	canary.RegisterString("apiserver admin token", c.Token)
+	if c.RotationToken != "" {
+		canary.RegisterString("rotation ServiceAccount token", c.RotationToken)
+	}
 	regErr := c.registerConfigSecrets()
 	var found []string
 	scanned := 0
@@ -240,4 +244,21 @@ func (c *Cluster) kmsctlLog(args []string, stdout, stderr []byte) {
 	}
 	defer f.Close()
 	fmt.Fprintf(f, "=== kmsctl %s\n%s%s", strings.Join(args, " "), stdout, stderr)
+}
+
+// registerKeyFiles registers the private key in each PEM file: no log or
+// report may show it.
+func registerKeyFiles(paths []string) error {
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		block, _ := pem.Decode(b)
+		if block == nil {
+			return fmt.Errorf("leak canary: %s holds no PEM block", p)
+		}
+		canary.Register("private key "+filepath.Base(p), block.Bytes)
+	}
+	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kms-v2/kms-plugin/internal/testpki"
 	"github.com/kms-v2/kms-plugin/rotation/etcdlayout"
 )
 
@@ -96,6 +97,9 @@ type Cluster struct {
 	Token string
 	// Etcd is the etcd member.
 	Etcd *Etcd
+	// EtcdPKI is etcd's CA and certificates in kubeadm's layout: etcd
+	// serves TLS and requires a client certificate, as on a kubeadm node.
+	EtcdPKI EtcdPKI
 	// APIServers are the kube-apiservers, one per plugin.
 	APIServers []*APIServer
 	// Plugins are the kms-plugin instances; Plugins[i] serves APIServers[i].
@@ -106,6 +110,10 @@ type Cluster struct {
 	// rotation ServiceAccount (RBAC and FlowSchema applied, a TokenRequest
 	// token): kmsctl runs as it, as the CronJob does, not as system:masters.
 	RotationKubeconfig string
+	// RotationToken is that kubeconfig's token (valid 3 h), for a test
+	// that runs kmsctl with in-cluster config as the CronJob's pod does.
+	// Never log it.
+	RotationToken string
 
 	opts    Options
 	bins    bins
@@ -116,6 +124,13 @@ type Cluster struct {
 	spares  []*Etcd           // StartSpareEtcd's members
 	secrets map[string]string // aescbc key name -> base64 secret, stable per cluster
 }
+
+// EtcdPKI is etcd's CA and certificates in kubeadm's layout: etcd serves
+// TLS and demands a client certificate signed by its own CA, as on a
+// kubeadm node, so kmsctl's --etcd-cacert, --etcd-cert and --etcd-key are
+// exercised by every test that reads etcd, and the rotation CronJob's etcd
+// mounts are the files it really needs.
+type EtcdPKI = testpki.EtcdPKI
 
 // bins are the executables a cluster runs.
 type bins struct {
@@ -207,6 +222,12 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	}
 	start := time.Now()
 
+	if c.EtcdPKI, err = testpki.WriteEtcd(filepath.Join(dir, "pki")); err != nil {
+		return nil, fmt.Errorf("etcd certificates: %w", err)
+	}
+	if err := registerKeyFiles(c.EtcdPKI.Keys()); err != nil {
+		return nil, err
+	}
 	logf("harness: starting etcd")
 	if c.Etcd, err = c.startEtcd(ctx, "etcd"); err != nil {
 		return nil, err
@@ -267,7 +288,7 @@ func Launch(ctx context.Context, opts Options) (_ *Cluster, err error) {
 			return nil, err
 		}
 	}
-	if c.RotationKubeconfig, err = c.rotationIdentity(ctx); err != nil {
+	if c.RotationKubeconfig, c.RotationToken, err = c.rotationIdentity(ctx); err != nil {
 		return nil, fmt.Errorf("harness: the rotation ServiceAccount: %w", err)
 	}
 	logf("harness: control plane ready in %s (folder %s)", time.Since(start).Round(100*time.Millisecond), dir)

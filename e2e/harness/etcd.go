@@ -20,7 +20,8 @@ import (
 // Etcd is one etcd member: the one every apiserver stores in, or a spare
 // (StartSpareEtcd) that holds none of the cluster's objects.
 type Etcd struct {
-	// Endpoint is the client URL, http://127.0.0.1:PORT.
+	// Endpoint is the client URL, https://127.0.0.1:PORT; clients need
+	// the cluster's EtcdPKI (EtcdFlags gives kmsctl's flags for it).
 	Endpoint string
 	// Client reads etcd directly, bypassing the apiserver, to see exactly
 	// what was stored.
@@ -44,9 +45,14 @@ func (c *Cluster) startEtcd(ctx context.Context, name string) (*Etcd, error) {
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return nil, err
 	}
-	clientURL := fmt.Sprintf("http://127.0.0.1:%d", clientPort)
+	clientURL := fmt.Sprintf("https://127.0.0.1:%d", clientPort)
+	// The peer URL stays plain: a single member has no peers to talk to.
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
 	e := &Etcd{Endpoint: clientURL}
+	tlsConfig, err := c.EtcdPKI.ClientTLS()
+	if err != nil {
+		return nil, fmt.Errorf("%s client TLS: %w", name, err)
+	}
 	e.proc = &process{
 		name: name,
 		path: c.bins.etcd,
@@ -58,6 +64,12 @@ func (c *Cluster) startEtcd(ctx context.Context, name string) (*Etcd, error) {
 			"--listen-peer-urls", peerURL,
 			"--initial-advertise-peer-urls", peerURL,
 			"--initial-cluster", "default=" + peerURL,
+			// kubeadm's client side: TLS, and only clients whose
+			// certificate etcd's CA signed.
+			"--cert-file", c.EtcdPKI.ServerCert,
+			"--key-file", c.EtcdPKI.ServerKey,
+			"--trusted-ca-file", c.EtcdPKI.CA,
+			"--client-cert-auth",
 			// Durability is worthless for a throwaway test member, and
 			// fsync dominates write latency on a shared CI disk.
 			"--unsafe-no-fsync",
@@ -68,11 +80,12 @@ func (c *Cluster) startEtcd(ctx context.Context, name string) (*Etcd, error) {
 		return nil, err
 	}
 	c.onClose(e.Stop)
+	health := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConfig}}
 	err = Poll(ctx, 100*time.Millisecond, func() error {
 		if done, werr := e.proc.exited(); done {
 			return StopPolling(fmt.Errorf("%s exited: %v", name, werr))
 		}
-		resp, err := http.Get(clientURL + "/health")
+		resp, err := health.Get(clientURL + "/health")
 		if err != nil {
 			return err
 		}
@@ -88,6 +101,7 @@ func (c *Cluster) startEtcd(ctx context.Context, name string) (*Etcd, error) {
 	e.Client, err = clientv3.New(clientv3.Config{
 		Endpoints:   []string{clientURL},
 		DialTimeout: 5 * time.Second,
+		TLS:         tlsConfig,
 		Logger:      zap.NewNop(), // its retries are not the test's story
 	})
 	if err != nil {
@@ -96,8 +110,16 @@ func (c *Cluster) startEtcd(ctx context.Context, name string) (*Etcd, error) {
 	return e, nil
 }
 
+// EtcdFlags are kmsctl's flags for reaching the cluster's etcd as on a
+// kubeadm node: --etcd-endpoints and the CA and client certificate.
+func (c *Cluster) EtcdFlags() []string {
+	return []string{"--etcd-endpoints", c.Etcd.Endpoint,
+		"--etcd-cacert", c.EtcdPKI.CA, "--etcd-cert", c.EtcdPKI.ClientCert, "--etcd-key", c.EtcdPKI.ClientKey}
+}
+
 // StartSpareEtcd starts a second, empty etcd member in the cluster's folder,
-// which no apiserver uses: the wrong etcd a tool may be pointed at. Close
+// which no apiserver uses: the wrong etcd a tool may be pointed at, with
+// the same certificates, so only its contents tell it apart. Close
 // stops it; the cluster's log tails include it.
 func (c *Cluster) StartSpareEtcd(ctx context.Context) (*Etcd, error) {
 	c.mu.Lock()

@@ -26,32 +26,32 @@ const RotationAccount, RotationNamespace = "kmsctl-rotate", "kube-system"
 // a request with that token is answered under the shipped FlowSchema
 // (X-Kubernetes-PF-FlowSchema-UID), so kmsctl is neither system:masters
 // nor exempt from API Priority and Fairness.
-func (c *Cluster) rotationIdentity(ctx context.Context) (string, error) {
+func (c *Cluster) rotationIdentity(ctx context.Context) (kubeconfig, token string, err error) {
 	root, err := RepoRoot()
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	for _, f := range []string{"manifests/rotation-rbac.yaml", "manifests/rotation-flowcontrol.yaml"} {
 		if out, err := c.kubectl(ctx, "apply", "--server-side", "-f", filepath.Join(root, f)); err != nil {
-			return "", fmt.Errorf("apply %s: %w\n%s", f, err, out)
+			return "", "", fmt.Errorf("apply %s: %w\n%s", f, err, out)
 		}
 	}
-	token, err := c.kubectl(ctx, "-n", RotationNamespace, "create", "token", RotationAccount, "--duration=3h")
+	out, err := c.kubectl(ctx, "-n", RotationNamespace, "create", "token", RotationAccount, "--duration=3h")
 	if err != nil {
-		return "", fmt.Errorf("kubectl create token %s: %w\n%s", RotationAccount, err, token)
+		return "", "", fmt.Errorf("kubectl create token %s: %w\n%s", RotationAccount, err, out)
 	}
+	token = strings.TrimSpace(out)
 	uid, err := c.kubectl(ctx, "get", "flowschema", RotationAccount, "-o", "jsonpath={.metadata.uid}")
 	if err != nil || uid == "" {
-		return "", fmt.Errorf("the shipped FlowSchema %s: %v\n%s", RotationAccount, err, uid)
+		return "", "", fmt.Errorf("the shipped FlowSchema %s: %v\n%s", RotationAccount, err, uid)
 	}
-	kc, err := c.tokenKubeconfig(strings.TrimSpace(token))
-	if err != nil {
-		return "", err
+	if kubeconfig, err = c.tokenKubeconfig(token); err != nil {
+		return "", "", err
 	}
-	if err := checkFlowSchema(ctx, kc, c.APIServers[0].URL, uid); err != nil {
-		return "", err
+	if err := checkFlowSchema(ctx, kubeconfig, c.APIServers[0].URL, uid); err != nil {
+		return "", "", err
 	}
-	return kc, nil
+	return kubeconfig, token, nil
 }
 
 // kubectl runs kubectl as the cluster admin.

@@ -16,7 +16,8 @@ func (c *Cluster) EtcdctlPath() string { return filepath.Join(filepath.Dir(c.bin
 // `etcdctl snapshot save`, the command docs/backup-restore.md gives
 // operators, so tests read the very file a backup job writes.
 func (c *Cluster) SaveSnapshot(ctx context.Context, path string) error {
-	cmd := exec.CommandContext(ctx, c.EtcdctlPath(), "--endpoints", c.Etcd.Endpoint, "snapshot", "save", path)
+	cmd := exec.CommandContext(ctx, c.EtcdctlPath(), "--endpoints", c.Etcd.Endpoint,
+		"--cacert", c.EtcdPKI.CA, "--cert", c.EtcdPKI.ClientCert, "--key", c.EtcdPKI.ClientKey, "snapshot", "save", path)
 	cmd.Env = append(os.Environ(), "ETCDCTL_API=3")
 	out, err := cmd.CombinedOutput()
 	if err != nil {

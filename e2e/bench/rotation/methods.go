@@ -40,9 +40,8 @@ type result struct {
 // key, as the kubeconfig's user, with extra flags (or NAME=value
 // environment for kmsctl alone).
 func runKmsctl(ctx context.Context, c *harness.Cluster, kubeconfig string, extra []string, profile string) (*result, error) {
-	args := []string{"rotate", "--config", c.KmsctlConfig(),
-		"--kubeconfig", kubeconfig, "--etcd-endpoints", c.Etcd.Endpoint,
-		"--apiservers", c.APIServers[0].URL, "--resources", "secrets", "-o", "json"}
+	args := append([]string{"rotate", "--config", c.KmsctlConfig(), "--kubeconfig", kubeconfig}, c.EtcdFlags()...)
+	args = append(args, "--apiservers", c.APIServers[0].URL, "--resources", "secrets", "-o", "json")
 	if profile != "" {
 		if err := os.MkdirAll(filepath.Dir(profile), 0o755); err != nil {
 			return nil, err

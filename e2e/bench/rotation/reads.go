@@ -41,7 +41,7 @@ func measureReads(ctx context.Context, c *harness.Cluster, kubeconfig string, re
 		if err != nil {
 			return nil, err
 		}
-		n, rate, err := rawRead(ctx, c.Etcd.Endpoint, prefix)
+		n, rate, err := rawRead(ctx, c, prefix)
 		if err != nil {
 			return nil, err
 		}
@@ -62,9 +62,14 @@ func measureReads(ctx context.Context, c *harness.Cluster, kubeconfig string, re
 }
 
 // rawRead reads every key and value under prefix from etcd page by page,
-// as the census does, and returns the count and objects per second.
-func rawRead(ctx context.Context, endpoint, prefix string) (int, float64, error) {
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second})
+// as the census does (over TLS with the same client certificate), and
+// returns the count and objects per second.
+func rawRead(ctx context.Context, c *harness.Cluster, prefix string) (int, float64, error) {
+	tlsConfig, err := c.EtcdPKI.ClientTLS()
+	if err != nil {
+		return 0, 0, err
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{c.Etcd.Endpoint}, DialTimeout: 5 * time.Second, TLS: tlsConfig})
 	if err != nil {
 		return 0, 0, err
 	}
@@ -100,9 +105,9 @@ func rawRead(ctx context.Context, endpoint, prefix string) (int, float64, error)
 // runCensus runs `kmsctl census` of the secrets as the given kubeconfig's
 // user, with its peak memory.
 func runCensus(ctx context.Context, c *harness.Cluster, kubeconfig string) (*rotation.Census, *result, error) {
-	cmd := exec.CommandContext(ctx, c.KmsctlPath(), "census", "--config", c.KmsctlConfig(), "--kubeconfig", kubeconfig,
-		"--etcd-endpoints", c.Etcd.Endpoint, "--etcd-prefix", c.Layout.Prefix(),
-		"--encryption-config", c.APIServers[0].EncryptionConfig, "--resources", "secrets", "-o", "json")
+	args := append([]string{"census", "--config", c.KmsctlConfig(), "--kubeconfig", kubeconfig}, c.EtcdFlags()...)
+	args = append(args, "--etcd-prefix", c.Layout.Prefix(), "--encryption-config", c.APIServers[0].EncryptionConfig, "--resources", "secrets", "-o", "json")
+	cmd := exec.CommandContext(ctx, c.KmsctlPath(), args...)
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()
