@@ -13,7 +13,7 @@ func (b *bench) report() string {
 	var s strings.Builder
 	cfg := b.cfg
 	fmt.Fprintf(&s, "## Rotation\n\n")
-	fmt.Fprintf(&s, "`make bench-rotation ARGS=%q` (program `e2e/bench/rotation`), %s, on %d CPUs (%s/%s): etcd v3.7.0, one kube-apiserver v1.37.2, kms-plugin (file keyset) and kube-controller-manager (garbage collector and storage-version migrator) on loopback. ",
+	fmt.Fprintf(&s, "`make bench-rotation ARGS=%q` (program `e2e/bench/rotation`), %s, on %d CPUs (%s/%s): etcd v3.7.0 (TLS with client certificates, as kubeadm sets it up), one kube-apiserver v1.37.2, kms-plugin (file keyset) and kube-controller-manager (garbage collector and storage-version migrator) on loopback. ",
 		b.args(), time.Now().UTC().Format("2006-01-02"), runtime.NumCPU(), runtime.GOOS, runtime.GOARCH)
 	fmt.Fprintf(&s, "%d secrets in one namespace, %d rounds, each in the conditions %s. ", cfg.secrets, cfg.rounds, strings.Join(cfg.conditions, " and "))
 	if cfg.scaleTo > cfg.secrets {
