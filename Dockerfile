@@ -10,7 +10,8 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-RUN CGO_ENABLED=1 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/ ./cmd/kms-plugin ./cmd/kmsctl
+ARG COMMIT=unknown
+RUN CGO_ENABLED=1 go build -trimpath -ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/ ./cmd/kms-plugin ./cmd/kmsctl
 
 # Pinned by digest, so a rebuild uses the bytes that were reviewed. No
 # registry is reachable where this line was written: the digest is the one

@@ -85,12 +85,12 @@ func TestImage(t *testing.T) {
 		t.Fatalf("the image test needs the Debian packages %v: %v\n(run `make image-debs`, as root on Debian/Ubuntu, or install apt)", Packages, err)
 	}
 	bins := t.TempDir()
-	const version = "v0.0.0-imagetest"
-	if err := BuildBinaries("../..", bins, "amd64", version); err != nil {
+	const version, revision = "v0.0.0-imagetest", "0123456789abcdef0123456789abcdef01234567"
+	if err := BuildBinaries("../..", bins, "amd64", version, revision); err != nil {
 		t.Fatal(err)
 	}
 	created := time.Unix(1700000000, 0).UTC()
-	opts := Options{Arch: "amd64", Version: version, Revision: "0123456789abcdef0123456789abcdef01234567", Created: created, DebDir: debDir, BinDir: bins}
+	opts := Options{Arch: "amd64", Version: version, Revision: revision, Created: created, DebDir: debDir, BinDir: bins}
 	built, err := Build(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -295,9 +295,9 @@ func TestImage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("kms-plugin version in the image: %v: %s", err, got)
 	}
-	// The first line is the stamped version; commit, Go version and FIPS
-	// mode follow.
-	if first, _, _ := strings.Cut(string(got), "\n"); first != "version: "+version {
-		t.Errorf("kms-plugin version in the image printed %q, want a first line %q", got, "version: "+version)
+	// The stamped version and commit come first; Go version and FIPS mode
+	// follow.
+	if want := "version: " + version + "\ncommit: " + revision + "\n"; !strings.HasPrefix(string(got), want) {
+		t.Errorf("kms-plugin version in the image printed %q, want it to start with %q", got, want)
 	}
 }

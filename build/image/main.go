@@ -125,7 +125,7 @@ func run(out, version, revision, debDir, arch string, fetchOnly bool) error {
 		return err
 	}
 	defer os.RemoveAll(bins)
-	if err := BuildBinaries(".", bins, arch, version); err != nil {
+	if err := BuildBinaries(".", bins, arch, version, revision); err != nil {
 		return err
 	}
 	opts := Options{Arch: arch, Version: version, Revision: revision, Created: created, DebDir: debDir, BinDir: bins}
@@ -258,9 +258,10 @@ func findDeb(dir, pkg, arch string) (string, error) {
 
 // BuildBinaries builds Binaries from the module at root into outDir with the
 // Dockerfile's flags: cgo on (the pkcs11 backend dlopens the vendor module),
-// -trimpath, -s -w, and the version stamped into main.version.
-func BuildBinaries(root, outDir, arch, version string) error {
-	args := []string{"build", "-trimpath", "-ldflags", "-s -w -X main.version=" + version, "-o", outDir + string(os.PathSeparator)}
+// -trimpath, -s -w, and the version and commit stamped into main.version
+// and main.commit, which `version` prints.
+func BuildBinaries(root, outDir, arch, version, revision string) error {
+	args := []string{"build", "-trimpath", "-ldflags", "-s -w -X main.version=" + version + " -X main.commit=" + revision, "-o", outDir + string(os.PathSeparator)}
 	for _, b := range Binaries {
 		args = append(args, "./cmd/"+b)
 	}
@@ -277,6 +278,14 @@ func BuildBinaries(root, outDir, arch, version string) error {
 	}
 	return nil
 }
+
+// The image's user, entrypoint and command; the Dockerfile's USER,
+// ENTRYPOINT and CMD must be the same (TestDockerfileInStep).
+var (
+	User       = fmt.Sprintf("%d:%d", nonrootUID, nonrootUID)
+	Entrypoint = []string{"/" + binDir + "/kms-plugin"}
+	Cmd        = []string{"serve", "--config", "/etc/kms-plugin/config.yaml"}
+)
 
 // Labels are the image's OCI annotations-as-labels.
 func Labels(o Options) map[string]string {
@@ -333,10 +342,10 @@ func Build(o Options) (v1.Image, error) {
 	}
 	cf = cf.DeepCopy()
 	cf.OS, cf.Architecture = "linux", o.Arch
-	cf.Config.User = fmt.Sprintf("%d:%d", nonrootUID, nonrootUID)
+	cf.Config.User = User
 	cf.Config.WorkingDir = "/home/nonroot"
-	cf.Config.Entrypoint = []string{"/" + binDir + "/kms-plugin"}
-	cf.Config.Cmd = []string{"serve", "--config", "/etc/kms-plugin/config.yaml"}
+	cf.Config.Entrypoint = Entrypoint
+	cf.Config.Cmd = Cmd
 	cf.Config.Env = []string{
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 		"SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt",
