@@ -176,3 +176,84 @@ func metricValue(text, sample string) float64 {
 	}
 	return v
 }
+
+// TestDecryptStorm is kube-apiserver after a restart, on a cluster with
+// many seeds: it decrypts every seed it finds at once (one Decrypt per
+// distinct encrypted DEK source), on its one connection, with far more
+// calls in flight than the plugin's stream cap. Every call must succeed
+// with the right plaintext, and the plugin must stay well within the
+// static pod's memory limit, so the limit cannot OOM-kill it just when the
+// cluster needs it most.
+func TestDecryptStorm(t *testing.T) {
+	const seeds, inFlight, rounds = 5000, 1000, 3
+	limit := manifestMemoryLimit(t)
+	e, _, pid, _ := startWithHealth(t)
+	conn, err := grpc.NewClient("unix://"+e.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := kmsapi.NewKeyManagementServiceClient(conn)
+
+	type sealed struct {
+		plain []byte
+		resp  *kmsapi.EncryptResponse
+	}
+	all := make([]sealed, seeds)
+	for i := range all {
+		plain := fmt.Appendf(nil, "seed-%027d", i) // 32 bytes, as the apiserver's seeds
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		resp, err := c.Encrypt(ctx, &kmsapi.EncryptRequest{Uid: fmt.Sprint("enc-", i), Plaintext: plain})
+		cancel()
+		if err != nil {
+			t.Fatalf("Encrypt seed %d: %v", i, err)
+		}
+		all[i] = sealed{plain, resp}
+	}
+	rssBefore, _ := memory(t, pid)
+
+	var failed atomic.Int64
+	var firstMu sync.Mutex
+	var first error
+	next := atomic.Int64{}
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range inFlight {
+		wg.Go(func() {
+			for {
+				n := next.Add(1) - 1
+				if n >= seeds*rounds {
+					return
+				}
+				s := all[n%seeds]
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				resp, err := c.Decrypt(ctx, &kmsapi.DecryptRequest{Uid: fmt.Sprint("dec-", n), KeyId: s.resp.KeyId, Ciphertext: s.resp.Ciphertext, Annotations: s.resp.Annotations})
+				cancel()
+				if err == nil && string(resp.Plaintext) != string(s.plain) {
+					err = fmt.Errorf("seed %d: wrong plaintext", n%seeds)
+				}
+				if err != nil {
+					failed.Add(1)
+					firstMu.Lock()
+					if first == nil {
+						first = err
+					}
+					firstMu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(start)
+	rss, hwm := memory(t, pid)
+	t.Logf("%d Decrypts of %d seeds, %d in flight on one connection, in %s; plugin RSS %.1f MiB before, %.1f MiB after, VmHWM %.1f MiB; limit %.0f MiB",
+		seeds*rounds, seeds, inFlight, took.Round(time.Millisecond), mib(rssBefore), mib(rss), mib(hwm), mib(limit))
+	if n := failed.Load(); n > 0 {
+		t.Errorf("%d of %d Decrypts failed; first: %v", n, seeds*rounds, first)
+	}
+	// Half the limit: room for the Go runtime's own growth, the provider's
+	// refresh and a second apiserver connecting during the storm.
+	if hwm >= limit/2 {
+		t.Errorf("plugin peak RSS %.1f MiB in a decrypt storm, want under half the static pod's memory limit (%.0f MiB)", mib(hwm), mib(limit))
+	}
+}
