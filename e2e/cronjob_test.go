@@ -15,42 +15,27 @@ import (
 	"testing"
 	"time"
 
-	batchv1 "k8s.io/api/batch/v1"
-	corev1 "k8s.io/api/core/v1"
-	"sigs.k8s.io/yaml"
-
 	"github.com/kms-v2/kms-plugin/e2e/harness"
+	"github.com/kms-v2/kms-plugin/internal/podrun"
 )
 
-// cronJob is the shipped rotation CronJob's pod: what it runs, as whom,
-// with which host files.
-type cronJob struct {
-	spec      corev1.PodSpec
-	container corev1.Container
-}
-
-func loadCronJob(t *testing.T, root string) cronJob {
+// loadCronJob is the shipped rotation CronJob's container, as its pod runs
+// it.
+func loadCronJob(t *testing.T, root string) podrun.Pod {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(root, "manifests/rotation-cronjob.yaml"))
+	p, err := podrun.FromCronJobFile(filepath.Join(root, "manifests/rotation-cronjob.yaml"), "kmsctl")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var cj batchv1.CronJob
-	if err := yaml.UnmarshalStrict(b, &cj); err != nil {
-		t.Fatalf("manifests/rotation-cronjob.yaml: %v", err)
-	}
-	spec := cj.Spec.JobTemplate.Spec.Template.Spec
-	if len(spec.Containers) != 1 {
-		t.Fatalf("manifests/rotation-cronjob.yaml: want one container, got %d", len(spec.Containers))
-	}
-	return cronJob{spec: spec, container: spec.Containers[0]}
+	return p
 }
 
 // testRotationCronJob runs the shipped CronJob's command as its pod would
-// run on a kubeadm node: as its runAsUser, runAsGroup and
+// run on a kubeadm node (internal/podrun): as its runAsUser, runAsGroup and
 // supplementalGroups with every capability dropped and no new privileges,
-// with the host files its volumes name bind-mounted at its mount paths (in
-// a private mount namespace), and as its ServiceAccount through in-cluster
+// with the host files its volumes name bind-mounted at its mount paths and
+// every other mount read-only (its readOnlyRootFilesystem), in a private
+// mount namespace, and as its ServiceAccount through in-cluster
 // config: the harness applied the shipped RBAC and FlowSchema for real,
 // took a token from the TokenRequest API and proved the FlowSchema
 // classifies it. Every volume is mounted, etcd's CA and client
@@ -71,7 +56,7 @@ func testRotationCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, 
 		}
 	}
 	cj := loadCronJob(t, root)
-	if got := cj.spec.ServiceAccountName; got != harness.RotationAccount {
+	if got := cj.Spec.ServiceAccountName; got != harness.RotationAccount {
 		t.Fatalf("manifests/rotation-cronjob.yaml runs as ServiceAccount %q; the shipped RBAC and FlowSchema are for %q", got, harness.RotationAccount)
 	}
 	token := c.RotationToken
@@ -81,8 +66,6 @@ func testRotationCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, 
 		t.Fatal(err)
 	}
 
-	ca := filepath.Join(filepath.Dir(c.APIServers[0].Kubeconfig), "certs", "apiserver.crt")
-	host["ca.crt"] = ca
 	report := runCronJob(ctx, t, c, cj, host, token, false)
 	if after, _ := c.PrimaryKeyID(); after != before {
 		t.Errorf("the CronJob as written rotated a young key: primary %s -> %s", before, after)
@@ -142,19 +125,32 @@ func nodeFiles(t *testing.T, c *harness.Cluster, root string) map[string]string 
 }
 
 // runCronJob runs the CronJob's container once (see testRotationCronJob)
-// and returns its JSON report; a non-zero exit fails the test.
-func runCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, cj cronJob, host map[string]string, token string, force bool) string {
+// and returns its JSON report; a non-zero exit fails the test. Its root
+// filesystem is read-only, as the manifest asks: kmsctl may write only to
+// its read-write volume.
+func runCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, cj podrun.Pod, host map[string]string, token string, force bool) string {
 	t.Helper()
-	args := cronJobArgs(t, c, cj.container.Args, force)
+	cj.Container.Args = cronJobArgs(t, c, cj.Container.Args, force)
+	setpriv, err := cj.Setpriv()
+	if err != nil {
+		t.Fatalf("manifests/rotation-cronjob.yaml: %v", err)
+	}
+	mounts, err := cj.Mounts(host)
+	if err != nil {
+		t.Fatalf("manifests/rotation-cronjob.yaml: %v", err)
+	}
 	sandbox := t.TempDir()
 	script := "set -euo pipefail\nmount -t tmpfs -o mode=0755 tmpfs /run\n" +
-		fmt.Sprintf("mkdir -p %[1]s/u %[1]s/w; mount -t overlay overlay -o lowerdir=/etc,upperdir=%[1]s/u,workdir=%[1]s/w /etc\n", sandbox) + saFiles(t, token, host["ca.crt"]) + mounts(t, cj, host) +
-		fmt.Sprintf("exec setpriv %s %q %s\n", identity(t, cj), c.KmsctlPath(), shellQuote(args))
+		fmt.Sprintf("mkdir -p %[1]s/u %[1]s/w; mount -t overlay overlay -o lowerdir=/etc,upperdir=%[1]s/u,workdir=%[1]s/w /etc\n", sandbox) +
+		saFiles(t, token, filepath.Join(filepath.Dir(c.APIServers[0].Kubeconfig), "certs", "apiserver.crt")) + mounts + cj.ReadOnlyRoot() +
+		fmt.Sprintf("exec setpriv %s %s\n", setpriv, podrun.Quote(cj.Argv()))
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "unshare", "--mount", "--propagation", "private", "bash", "-c", script)
 	port := strings.TrimPrefix(c.APIServers[0].URL, "https://127.0.0.1:")
-	cmd.Env = append(os.Environ(), "KUBERNETES_SERVICE_HOST=127.0.0.1", "KUBERNETES_SERVICE_PORT="+port)
+	// The image's PATH finds kmsctl; here the build's.
+	cmd.Env = append(os.Environ(), "KUBERNETES_SERVICE_HOST=127.0.0.1", "KUBERNETES_SERVICE_PORT="+port,
+		"PATH="+filepath.Dir(c.KmsctlPath())+":"+os.Getenv("PATH"))
 	out, err := cmd.Output()
 	if err != nil {
 		stderr := ""
@@ -202,76 +198,4 @@ func saFiles(t *testing.T, token, ca string) string {
 	t.Helper()
 	return "d=/var/run/secrets/kubernetes.io/serviceaccount; mkdir -p $d\n" +
 		fmt.Sprintf("printf %%s %q > $d/token\nprintf kube-system > $d/namespace\ncp %q $d/ca.crt\n", token, ca)
-}
-
-// mounts bind-mounts each hostPath volume's host file at the container's
-// mount path, read-only where the manifest says so (/etc is an overlay by
-// then, so the mount points made here never reach the machine). A volume
-// the harness has no file for fails the test: the pod would not start.
-func mounts(t *testing.T, cj cronJob, host map[string]string) string {
-	t.Helper()
-	var b strings.Builder
-	n := 0
-	for _, m := range cj.container.VolumeMounts {
-		var hp string
-		for _, v := range cj.spec.Volumes {
-			if v.Name == m.Name && v.HostPath != nil {
-				hp = v.HostPath.Path
-			}
-		}
-		src, ok := host[hp]
-		if !ok {
-			t.Fatalf("manifests/rotation-cronjob.yaml mounts host path %q (volume %s), which this test does not lay out", hp, m.Name)
-		}
-		n++
-		bindMount(&b, src, m.MountPath, m.ReadOnly)
-	}
-	if n != len(host)-1 { // all but ca.crt, which is the ServiceAccount's
-		t.Fatalf("the CronJob mounts %d of the %d host paths it needs (%v)", n, len(host), host)
-	}
-	return b.String()
-}
-
-// bindMount adds to b the lines that bind-mount src at dst, made first as
-// a folder or an empty file like src, and read-only if ro.
-func bindMount(b *strings.Builder, src, dst string, ro bool) {
-	if fi, err := os.Stat(src); err == nil && fi.IsDir() {
-		fmt.Fprintf(b, "mkdir -p %q\n", dst)
-	} else {
-		fmt.Fprintf(b, "mkdir -p %q; touch %q\n", filepath.Dir(dst), dst)
-	}
-	fmt.Fprintf(b, "mount --bind %q %q\n", src, dst)
-	if ro {
-		fmt.Fprintf(b, "mount -o remount,bind,ro %q\n", dst)
-	}
-}
-
-// identity is setpriv's arguments for the pod's user, groups and the
-// container's securityContext: capabilities dropped, no new privileges.
-func identity(t *testing.T, cj cronJob) string {
-	t.Helper()
-	sc, csc := cj.spec.SecurityContext, cj.container.SecurityContext
-	if sc == nil || sc.RunAsUser == nil || sc.RunAsGroup == nil {
-		t.Fatal("manifests/rotation-cronjob.yaml: the pod must set runAsUser and runAsGroup (an explicit user)")
-	}
-	if csc == nil || csc.Capabilities == nil || len(csc.Capabilities.Drop) != 1 || csc.Capabilities.Drop[0] != "ALL" || len(csc.Capabilities.Add) != 0 {
-		t.Fatal("manifests/rotation-cronjob.yaml: the container must drop ALL capabilities and add none")
-	}
-	groups := "--clear-groups"
-	if len(sc.SupplementalGroups) > 0 {
-		var gs []string
-		for _, g := range sc.SupplementalGroups {
-			gs = append(gs, fmt.Sprint(g))
-		}
-		groups = "--groups=" + strings.Join(gs, ",")
-	}
-	return fmt.Sprintf("--reuid=%d --regid=%d %s --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs", *sc.RunAsUser, *sc.RunAsGroup, groups)
-}
-
-func shellQuote(args []string) string {
-	q := make([]string, len(args))
-	for i, a := range args {
-		q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-	}
-	return strings.Join(q, " ")
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kms-v2/kms-plugin/e2e/harness"
+	"github.com/kms-v2/kms-plugin/internal/podrun"
 	"github.com/kms-v2/kms-plugin/internal/readme"
 )
 
@@ -102,7 +103,7 @@ func runReadmeBlock(ctx context.Context, t *testing.T, step, script, dir string,
 func bindMounts(host map[string]string) string {
 	var b strings.Builder
 	for node, src := range host {
-		bindMount(&b, src, node, false)
+		b.WriteString(podrun.BindLines(src, node, false))
 	}
 	return b.String()
 }

@@ -3,6 +3,7 @@ package manifests
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/kms-v2/kms-plugin/internal/podrun"
 	"github.com/kms-v2/kms-plugin/internal/readme"
 )
 
@@ -35,21 +39,47 @@ for d in /etc /usr/local/bin; do
   mount -t overlay overlay -o "lowerdir=$d,upperdir=$u,workdir=$w" "$d"
 done
 mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /etc/kubernetes/manifests # kubeadm's, on a control-plane node
 ip link set lo up
 mount --bind "$BUILT" "$REPO/bin"
 cd "$REPO"
 `
 
-// afterInstall starts the plugin as the static pod would run it (uid and
-// gid 65532, no extra groups, the installed config) and checks it with
-// doctor once it serves.
-const afterInstall = `
+// staticPodEntrypoint is the release image's entrypoint (build/image, and
+// the Dockerfile, which TestDockerfileInStep keeps in step): the static
+// pod gives only args. Step 1 installed the binary at that path.
+var staticPodEntrypoint = []string{"/usr/local/bin/kms-plugin"}
+
+// afterInstall plays the kubelet's part for the static pod that the
+// README's step 2 installed: the installed manifest must be the shipped
+// one; its container runs as the manifest says (internal/podrun) in a
+// mount namespace of its own, and its startupProbe and readinessProbe must
+// pass. Then the README's check runs, and doctor as the plugin's user.
+func afterInstall(t *testing.T) string {
+	t.Helper()
+	pod, err := podrun.FromPodFile("kms-plugin-static-pod.yaml", "kms-plugin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	setpriv, err := pod.Setpriv()
+	if err != nil {
+		t.Fatalf("the static pod: %v", err)
+	}
+	mounts, err := pod.Mounts(nil)
+	if err != nil {
+		t.Fatalf("the static pod: %v", err)
+	}
+	container := mounts + pod.ReadOnlyRoot() + "exec setpriv " + setpriv + " " + podrun.Quote(pod.Argv(staticPodEntrypoint...)) + "\n"
+	return `
 echo "=== installed"
 stat -c '%n %U:%G %a' /run/kms-plugin /etc/kms-plugin /etc/kms-plugin/keyset.json
-setpriv --reuid=65532 --regid=65532 --clear-groups --no-new-privs kms-plugin serve --config /etc/kms-plugin/config.yaml >"$SANDBOX/serve.log" 2>&1 &
+cmp manifests/kms-plugin-static-pod.yaml /etc/kubernetes/manifests/kms-plugin.yaml
+echo "=== the kubelet's part: the static pod's container"
+unshare --mount --propagation private bash -euo pipefail -c ` + podrun.Quote([]string{container}) + ` >"$SANDBOX/serve.log" 2>&1 &
 pid=$!
-for i in $(seq 150); do [ -S /var/run/kms-plugin/kms.sock ] && break; sleep 0.2; done
-sleep 1
+` + probeLines(t, "startupProbe", pod.Container.StartupProbe) + probeLines(t, "readinessProbe", pod.Container.ReadinessProbe) + `
+echo "=== README check"
+` + readmeBlock(t, "check-static-pod") + `echo
 echo "=== doctor while serving"
 rc=0
 runuser -u kms-plugin -- kms-plugin doctor --config /etc/kms-plugin/config.yaml \
@@ -57,6 +87,25 @@ runuser -u kms-plugin -- kms-plugin doctor --config /etc/kms-plugin/config.yaml 
 kill "$pid"; wait "$pid" || true
 exit "$rc"
 `
+}
+
+// probeLines polls an httpGet probe as the kubelet would: every
+// periodSeconds, failing after failureThreshold misses.
+func probeLines(t *testing.T, name string, p *corev1.Probe) string {
+	t.Helper()
+	if p == nil || p.HTTPGet == nil {
+		t.Fatalf("the static pod has no httpGet %s", name)
+	}
+	g := p.HTTPGet
+	url := fmt.Sprintf("http://%s:%s%s", g.Host, g.Port.String(), g.Path)
+	period, tries := max(p.PeriodSeconds, 1), max(p.FailureThreshold, 3)
+	return fmt.Sprintf(`for i in $(seq %[1]d); do
+  if curl -fsS -o /dev/null --max-time %[2]d %[3]q; then echo "%[4]s %[3]s: ok after $i"; break; fi
+  [ "$i" = %[1]d ] && { echo "%[4]s %[3]s failed %[1]d times"; exit 1; }
+  sleep %[5]d
+done
+`, tries, max(p.TimeoutSeconds, 1), url, name, period)
+}
 
 // TestReadmeInstallNode runs the README's "Install on kubeadm" node block
 // verbatim as root in a sandbox over this machine's real /etc and /run,
@@ -87,7 +136,7 @@ func TestReadmeInstallNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	sandbox := t.TempDir()
-	script := "set -euo pipefail\n" + nodeSandbox + "echo '=== README block'\nset -x\n" + readmeBlock(t, "install-node") + "set +x\n" + afterInstall
+	script := "set -euo pipefail\n" + nodeSandbox + "echo '=== README blocks'\nset -x\n" + readmeBlock(t, "install-node") + readmeBlock(t, "install-static-pod") + "set +x\n" + afterInstall(t)
 	cmd := exec.CommandContext(ctx, "unshare", "--mount", "--net", "--propagation", "private", "bash", "-c", script)
 	cmd.Env = append(os.Environ(), "SANDBOX="+sandbox, "BUILT="+built, "REPO="+repo)
 	var out bytes.Buffer
