@@ -16,6 +16,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
+
+	"github.com/kms-v2/kms-plugin/internal/podrun"
 )
 
 const (
@@ -310,38 +312,24 @@ func contains(list []string, s string) bool {
 	return false
 }
 
-// staticPodIDs returns the uid and gid the static pod runs the plugin as.
-func staticPodIDs(t *testing.T) (uid, gid int64) {
+// staticPod is the plugin's container in the static pod manifest.
+func staticPod(t *testing.T) podrun.Pod {
 	t.Helper()
-	b, err := os.ReadFile("kms-plugin-static-pod.yaml")
+	p, err := podrun.FromPodFile("kms-plugin-static-pod.yaml", "kms-plugin")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var pod corev1.Pod
-	if err := yaml.UnmarshalStrict(b, &pod); err != nil {
+	return p
+}
+
+// staticPodIDs returns the uid and gid the static pod runs the plugin as.
+func staticPodIDs(t *testing.T) (uid, gid int64) {
+	t.Helper()
+	uid, gid, err := staticPod(t).RunAs()
+	if err != nil {
 		t.Fatalf("kms-plugin-static-pod.yaml: %v", err)
 	}
-	var u, g *int64
-	if sc := pod.Spec.SecurityContext; sc != nil {
-		u, g = sc.RunAsUser, sc.RunAsGroup
-	}
-	for _, c := range pod.Spec.Containers {
-		if c.Name != "kms-plugin" {
-			continue
-		}
-		if sc := c.SecurityContext; sc != nil {
-			if sc.RunAsUser != nil {
-				u = sc.RunAsUser
-			}
-			if sc.RunAsGroup != nil {
-				g = sc.RunAsGroup
-			}
-		}
-	}
-	if u == nil || g == nil {
-		t.Fatal("kms-plugin-static-pod.yaml sets no runAsUser and runAsGroup for the kms-plugin container")
-	}
-	return *u, *g
+	return uid, gid
 }
 
 // sysusers parses sysusers.d/kms-plugin.conf: user name -> uid and gid,
@@ -486,21 +474,7 @@ func TestIdentitiesAgree(t *testing.T) {
 	if !bytes.Contains(enc, []byte("endpoint: unix://"+sock+"\n")) {
 		t.Errorf("encryption-config.yaml: no endpoint unix://%s (plugin-config.yaml's socket)", sock)
 	}
-	var pod corev1.Pod
-	b, err := os.ReadFile("kms-plugin-static-pod.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := yaml.Unmarshal(b, &pod); err != nil {
-		t.Fatal(err)
-	}
-	var podSockDir string
-	for _, v := range pod.Spec.Volumes {
-		if v.Name == "socket" && v.HostPath != nil {
-			podSockDir = underRun(v.HostPath.Path)
-		}
-	}
-	if podSockDir != sockDir {
+	if podSockDir := underRun(staticPod(t).HostPath("socket")); podSockDir != sockDir {
 		t.Errorf("static pod's socket hostPath is %q, plugin-config.yaml's socket folder is %s", podSockDir, sockDir)
 	}
 

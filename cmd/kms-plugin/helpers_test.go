@@ -16,7 +16,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	"sigs.k8s.io/yaml"
+
+	"github.com/kms-v2/kms-plugin/internal/podrun"
 )
 
 // freeTCPAddr returns a loopback address nobody listens on now.
@@ -59,23 +60,21 @@ func (b *syncBuffer) Len() int {
 // the static pod manifest: the budget the plugin must live within.
 func manifestMemoryLimit(t *testing.T) int64 {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join("..", "..", "manifests", "kms-plugin-static-pod.yaml"))
+	q, ok := staticPod(t).Container.Resources.Limits[corev1.ResourceMemory]
+	if !ok {
+		t.Fatal("static pod manifest: container kms-plugin has no memory limit")
+	}
+	return q.Value()
+}
+
+// staticPod is the plugin's container in the static pod manifest.
+func staticPod(t *testing.T) podrun.Pod {
+	t.Helper()
+	p, err := podrun.FromPodFile(filepath.Join("..", "..", "manifests", "kms-plugin-static-pod.yaml"), "kms-plugin")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var pod corev1.Pod
-	if err := yaml.Unmarshal(data, &pod); err != nil {
-		t.Fatalf("static pod manifest: %v", err)
-	}
-	for _, c := range pod.Spec.Containers {
-		if c.Name == "kms-plugin" {
-			if q, ok := c.Resources.Limits[corev1.ResourceMemory]; ok {
-				return q.Value()
-			}
-		}
-	}
-	t.Fatal("static pod manifest: container kms-plugin has no memory limit")
-	return 0
+	return p
 }
 
 // memory reads a process's resident set (VmRSS) and its peak (VmHWM) in

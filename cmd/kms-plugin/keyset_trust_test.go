@@ -10,27 +10,17 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	kmsservice "k8s.io/kms/pkg/service"
-	"sigs.k8s.io/yaml"
 )
 
 // manifestUser is the uid and gid the static pod runs the plugin as.
 func manifestUser(t *testing.T) (uid, gid uint32) {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join("..", "..", "manifests", "kms-plugin-static-pod.yaml"))
+	u, g, err := staticPod(t).RunAs()
 	if err != nil {
-		t.Fatal(err)
-	}
-	var pod corev1.Pod
-	if err := yaml.Unmarshal(data, &pod); err != nil {
 		t.Fatalf("static pod manifest: %v", err)
 	}
-	sc := pod.Spec.SecurityContext
-	if sc == nil || sc.RunAsUser == nil || sc.RunAsGroup == nil {
-		t.Fatal("static pod manifest: no runAsUser/runAsGroup in the pod's securityContext")
-	}
-	return uint32(*sc.RunAsUser), uint32(*sc.RunAsGroup)
+	return uint32(u), uint32(g)
 }
 
 // userEnv is an installation owned by the manifest's user, as a node's

@@ -73,9 +73,9 @@ func pick(path string, spec corev1.PodSpec, name string) (Pod, error) {
 // dropped and none added, no privilege escalation. A manifest that asks
 // for anything else is an error: this package would not run it faithfully.
 func (p Pod) Setpriv() (string, error) {
-	uid, gid := p.runAs()
-	if uid == nil || gid == nil {
-		return "", fmt.Errorf("container %s: runAsUser and runAsGroup must be set (an explicit user)", p.Container.Name)
+	uid, gid, err := p.RunAs()
+	if err != nil {
+		return "", err
 	}
 	sc := p.Container.SecurityContext
 	if sc == nil || sc.Capabilities == nil || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" || len(sc.Capabilities.Add) != 0 {
@@ -92,22 +92,36 @@ func (p Pod) Setpriv() (string, error) {
 		}
 		groups = "--groups=" + strings.Join(gs, ",")
 	}
-	return fmt.Sprintf("--reuid=%d --regid=%d %s --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs", *uid, *gid, groups), nil
+	return fmt.Sprintf("--reuid=%d --regid=%d %s --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs", uid, gid, groups), nil
 }
 
-func (p Pod) runAs() (uid, gid *int64) {
+// RunAs is the uid and gid the container runs as: its own securityContext
+// over the pod's. Both must be set: the shipped manifests name their user.
+func (p Pod) RunAs() (uid, gid int64, err error) {
+	var u, g *int64
 	if psc := p.Spec.SecurityContext; psc != nil {
-		uid, gid = psc.RunAsUser, psc.RunAsGroup
+		u, g = psc.RunAsUser, psc.RunAsGroup
 	}
 	if sc := p.Container.SecurityContext; sc != nil {
 		if sc.RunAsUser != nil {
-			uid = sc.RunAsUser
+			u = sc.RunAsUser
 		}
 		if sc.RunAsGroup != nil {
-			gid = sc.RunAsGroup
+			g = sc.RunAsGroup
 		}
 	}
-	return uid, gid
+	if u == nil || g == nil {
+		return 0, 0, fmt.Errorf("container %s: runAsUser and runAsGroup must be set (an explicit user)", p.Container.Name)
+	}
+	return *u, *g, nil
+}
+
+// HostPath is the host path of the pod's hostPath volume name, or "".
+func (p Pod) HostPath(name string) string {
+	if v := p.volume(name); v != nil && v.HostPath != nil {
+		return v.HostPath.Path
+	}
+	return ""
 }
 
 // Mounts returns the lines that bind-mount every hostPath volume the
