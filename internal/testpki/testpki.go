@@ -69,7 +69,7 @@ func WriteEtcd(dir string) (EtcdPKI, error) {
 		ClientCert: filepath.Join(dir, "apiserver-etcd-client.crt"),
 		ClientKey:  filepath.Join(dir, "apiserver-etcd-client.key"),
 	}
-	if err := os.MkdirAll(filepath.Join(dir, "etcd"), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, "etcd"), 0o750); err != nil {
 		return EtcdPKI{}, err
 	}
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
