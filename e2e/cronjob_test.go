@@ -131,19 +131,14 @@ func nodeFiles(t *testing.T, c *harness.Cluster, root string) map[string]string 
 func runCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, cj podrun.Pod, host map[string]string, token string, force bool) string {
 	t.Helper()
 	cj.Container.Args = cronJobArgs(t, c, cj.Container.Args, force)
-	setpriv, err := cj.Setpriv()
-	if err != nil {
-		t.Fatalf("manifests/rotation-cronjob.yaml: %v", err)
-	}
-	mounts, err := cj.Mounts(host)
+	container, err := cj.Script(host)
 	if err != nil {
 		t.Fatalf("manifests/rotation-cronjob.yaml: %v", err)
 	}
 	sandbox := t.TempDir()
 	script := "set -euo pipefail\nmount -t tmpfs -o mode=0755 tmpfs /run\n" +
 		fmt.Sprintf("mkdir -p %[1]s/u %[1]s/w; mount -t overlay overlay -o lowerdir=/etc,upperdir=%[1]s/u,workdir=%[1]s/w /etc\n", sandbox) +
-		saFiles(t, token, filepath.Join(filepath.Dir(c.APIServers[0].Kubeconfig), "certs", "apiserver.crt")) + mounts + cj.ReadOnlyRoot() +
-		fmt.Sprintf("exec setpriv %s %s\n", setpriv, podrun.Quote(cj.Argv()))
+		saFiles(t, token, filepath.Join(filepath.Dir(c.APIServers[0].Kubeconfig), "certs", "apiserver.crt")) + container
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "unshare", "--mount", "--propagation", "private", "bash", "-c", script)

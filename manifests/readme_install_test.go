@@ -61,15 +61,10 @@ func afterInstall(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	setpriv, err := pod.Setpriv()
+	container, err := pod.Script(nil, staticPodEntrypoint...)
 	if err != nil {
 		t.Fatalf("the static pod: %v", err)
 	}
-	mounts, err := pod.Mounts(nil)
-	if err != nil {
-		t.Fatalf("the static pod: %v", err)
-	}
-	container := mounts + pod.ReadOnlyRoot() + "exec setpriv " + setpriv + " " + podrun.Quote(pod.Argv(staticPodEntrypoint...)) + "\n"
 	return `
 echo "=== installed"
 stat -c '%n %U:%G %a' /run/kms-plugin /etc/kms-plugin /etc/kms-plugin/keyset.json

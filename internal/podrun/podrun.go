@@ -199,6 +199,22 @@ func BindLines(src, dst string, ro bool) string {
 	return b.String()
 }
 
+// Script returns the lines that start the container in the current mount
+// namespace: Mounts(host), then ReadOnlyRoot, then exec setpriv with
+// Setpriv's options and Argv(entrypoint). It is meant for bash -euo
+// pipefail inside unshare --mount.
+func (p Pod) Script(host map[string]string, entrypoint ...string) (string, error) {
+	setpriv, err := p.Setpriv()
+	if err != nil {
+		return "", err
+	}
+	mounts, err := p.Mounts(host)
+	if err != nil {
+		return "", err
+	}
+	return mounts + p.ReadOnlyRoot() + "exec setpriv " + setpriv + " " + Quote(p.Argv(entrypoint...)) + "\n", nil
+}
+
 // Argv is the container's command line: its command (or the image's
 // entrypoint when it has none) and its args.
 func (p Pod) Argv(entrypoint ...string) []string {
