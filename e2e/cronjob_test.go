@@ -137,8 +137,7 @@ func runCronJob(ctx context.Context, t *testing.T, c *harness.Cluster, cj podrun
 	}
 	sandbox := t.TempDir()
 	script := "set -euo pipefail\nmount -t tmpfs -o mode=0755 tmpfs /run\n" +
-		fmt.Sprintf("mkdir -p %[1]s/u %[1]s/w; mount -t overlay overlay -o lowerdir=/etc,upperdir=%[1]s/u,workdir=%[1]s/w /etc\n", sandbox) +
-		saFiles(t, token, filepath.Join(filepath.Dir(c.APIServers[0].Kubeconfig), "certs", "apiserver.crt")) + container
+		podrun.OverlayLines("/etc", sandbox) + saFiles(t, token, c.APIServers[0].ServingCert()) + container
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "unshare", "--mount", "--propagation", "private", "bash", "-c", script)

@@ -4,7 +4,7 @@ package e2e
 
 import (
 	"context"
-	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,7 +19,7 @@ import (
 // bare "context deadline exceeded".
 func testEtcdTLS(ctx context.Context, t *testing.T, c *harness.Cluster) {
 	good := censusArgs(c, "--resources", "secrets")
-	otherCA := filepath.Join(filepath.Dir(c.APIServers[0].Kubeconfig), "certs", "apiserver.crt")
+	otherCA := c.APIServers[0].ServingCert()
 	plain := "http://" + strings.TrimPrefix(c.Etcd.Endpoint, "https://")
 	cases := []struct {
 		name string
@@ -70,7 +70,7 @@ func withoutFlags(args []string, flags ...string) []string {
 	out := make([]string, 0, len(args))
 	for i := 0; i < len(args); i++ {
 		name, _, hasValue := strings.Cut(args[i], "=")
-		if !hasFlag(flags, name) {
+		if !slices.Contains(flags, name) {
 			out = append(out, args[i])
 			continue
 		}
@@ -79,13 +79,4 @@ func withoutFlags(args []string, flags ...string) []string {
 		}
 	}
 	return out
-}
-
-func hasFlag(flags []string, name string) bool {
-	for _, f := range flags {
-		if f == name {
-			return true
-		}
-	}
-	return false
 }

@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -64,8 +63,7 @@ func testReadmeClusterSteps(ctx context.Context, t *testing.T, c *harness.Cluste
 	host := nodeFiles(t, c, root)
 	host["/etc/kubernetes/admin.conf"] = c.APIServers[0].Kubeconfig
 	sandbox := t.TempDir()
-	script := fmt.Sprintf("mkdir -p %[1]s/u %[1]s/w; mount -t overlay overlay -o lowerdir=/etc,upperdir=%[1]s/u,workdir=%[1]s/w /etc\n", sandbox) +
-		bindMounts(host) + "set -x\n" + rotate
+	script := podrun.OverlayLines("/etc", sandbox) + bindMounts(host) + "set -x\n" + rotate
 	runReadmeBlock(ctx, t, "step 5", script, root, "PATH="+filepath.Dir(c.KmsctlPath())+":"+os.Getenv("PATH"))
 
 	requireAllUnder(ctx, t, c, primary, "secrets", "configmaps")

@@ -84,18 +84,8 @@ func (f *clusterFlags) openEtcd() (rotation.Etcd, func(), error) {
 	if err != nil {
 		return rotation.Etcd{}, nil, fmt.Errorf("etcd %s: %w", strings.Join(f.endpoints, ","), err)
 	}
-	store := etcdlayout.EtcdStore{KV: cli.KV, Endpoints: f.endpoints, Diagnose: func(ctx context.Context) error {
-		for _, ep := range f.endpoints {
-			err := diagnoseEtcd(ctx, ep, cfg.TLS)
-			if err != nil && len(f.endpoints) > 1 {
-				return fmt.Errorf("%s: %w", ep, err)
-			}
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	}}
+	diagnose := func(ctx context.Context) error { return diagnoseEtcds(ctx, f.endpoints, cfg.TLS) }
+	store := etcdlayout.EtcdStore{KV: cli.KV, Endpoints: f.endpoints, Diagnose: diagnose}
 	return rotation.Etcd{Store: store, Layout: layout}, func() { cli.Close() }, nil
 }
 

@@ -54,6 +54,20 @@ func diagnoseEtcd(ctx context.Context, endpoint string, tc *tls.Config) error {
 	return tlsOutcome(tls.Client(conn, tc))
 }
 
+// diagnoseEtcds is diagnoseEtcd for each endpoint in turn: the first
+// cause found, prefixed with its endpoint when there are several.
+func diagnoseEtcds(ctx context.Context, endpoints []string, tc *tls.Config) error {
+	for _, ep := range endpoints {
+		if err := diagnoseEtcd(ctx, ep, tc); err != nil {
+			if len(endpoints) > 1 {
+				err = fmt.Errorf("%s: %w", ep, err)
+			}
+			return err
+		}
+	}
+	return nil
+}
+
 // servesTLS reports whether the server at conn completes a TLS handshake
 // (whatever its certificate): an http:// endpoint pointed at a TLS port.
 func servesTLS(conn net.Conn) bool {

@@ -166,6 +166,13 @@ func (c *Cluster) apiserverSharedFiles() (saKey, tokens string, err error) {
 	return saKey, tokens, nil
 }
 
+// ServingCert is the apiserver's self-signed serving certificate (written
+// under --cert-dir): the CA bundle in-cluster clients trust, and a CA that
+// signed nothing else.
+func (a *APIServer) ServingCert() string {
+	return filepath.Join(filepath.Dir(a.Kubeconfig), "certs", "apiserver.crt")
+}
+
 func kubeconfig(name, server, token string) []byte {
 	return fmt.Appendf(nil, `apiVersion: v1
 kind: Config

@@ -97,8 +97,7 @@ type Cluster struct {
 	Token string
 	// Etcd is the etcd member.
 	Etcd *Etcd
-	// EtcdPKI is etcd's CA and certificates in kubeadm's layout: etcd
-	// serves TLS and requires a client certificate, as on a kubeadm node.
+	// EtcdPKI is etcd's CA and certificates (see the type).
 	EtcdPKI EtcdPKI
 	// APIServers are the kube-apiservers, one per plugin.
 	APIServers []*APIServer

@@ -183,6 +183,13 @@ done
 `, strings.Join(keep, " "))
 }
 
+// OverlayLines are the lines that lay a writable overlay over dir, its
+// changes kept in scratch: mount points made under dir afterwards never
+// reach the machine.
+func OverlayLines(dir, scratch string) string {
+	return fmt.Sprintf("mkdir -p %[1]q/u %[1]q/w; mount -t overlay overlay -o lowerdir=%[2]s,upperdir=%[1]s/u,workdir=%[1]s/w %[2]q\n", scratch, dir)
+}
+
 // BindLines are the lines that bind-mount src at dst, made first as a
 // folder or an empty file like src, and read-only if ro.
 func BindLines(src, dst string, ro bool) string {
