@@ -52,7 +52,7 @@ test: deps check unit e2e
 ## deps: SoftHSM2, and a software TPM exposed as a PKCS#11 token, for the PKCS#11 tests, and
 ## systemd-analyze (package systemd) for the systemd unit's test in manifests/
 ## (apt-get when root and missing; one update, one install of whatever is missing).
-TPM_PKGS = swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus
+TPM_PKGS = swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus sqlite3
 deps:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null 2>&1 || missing="softhsm2"; \

@@ -3,6 +3,7 @@
 package pkcs11
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/miekg/pkcs11"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/kms-v2/kms-plugin/providers"
 )
@@ -105,11 +107,12 @@ func openModule(path string) (*module, error) {
 // objects again, unless a restart began after since (then that one already
 // sees everything committed before since). It waits for calls in progress
 // and holds new ones back for its duration, tens of milliseconds on
-// tpm2-pkcs11; every session and login of the old generation is gone
+// tpm2-pkcs11 (up to busyBackoff's few seconds while another process holds
+// the store); every session and login of the old generation is gone
 // afterwards, which the token pools notice through gen. A library we did
 // not initialize ourselves is left alone: other code in the process owns
 // its sessions.
-func (m *module) reinit(since time.Time) error {
+func (m *module) reinit(ctx context.Context, since time.Time) error {
 	if !m.staleObjects || !m.owned {
 		return nil
 	}
@@ -120,14 +123,46 @@ func (m *module) reinit(since time.Time) error {
 	}
 	m.inited = time.Now()
 	m.gen++
-	// Not initialized: an earlier reinit failed halfway; start it now.
-	if err := m.ctx.Finalize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED) {
-		return fmt.Errorf("pkcs11 module %s: C_Finalize before reading objects again: %w", m.path, classify(err))
+	return m.retryBusy(ctx, func() error {
+		// Not initialized: an earlier try failed halfway; start it now.
+		if err := m.ctx.Finalize(); err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED) {
+			return fmt.Errorf("pkcs11 module %s: C_Finalize before reading objects again: %w", m.path, classify(err))
+		}
+		if err := m.ctx.Initialize(); err != nil {
+			return fmt.Errorf("pkcs11 module %s: C_Initialize to read objects again: %w", m.path, classify(err))
+		}
+		return nil
+	})
+}
+
+// busyBackoff paces retryBusy: 10 ms doubling to 1 s, each pause lengthened
+// at random by up to 20%, 9 tries over about 3.5 s. tpm2-pkcs11 holds a
+// write lock on its store for milliseconds per object; a rotation's key
+// generation and a plugin's Refresh each take the store a few times.
+var busyBackoff = wait.Backoff{Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.2, Steps: 9, Cap: time.Second}
+
+// retryBusy runs op and, on a staleObjects library, runs it again while it
+// fails with CKR_GENERAL_ERROR, until busyBackoff's tries are spent or ctx
+// is done; it returns op's last error. tpm2-pkcs11 keeps its objects in a
+// SQLite database and sets no busy timeout, so its C_Initialize (which
+// reads the store) and its object writes fail at once, with that code,
+// whenever another process holds the store's lock: a plugin's Refresh
+// reading while kmsctl creates a version, or the other way round. op must
+// be safe to repeat after a partial failure.
+func (m *module) retryBusy(ctx context.Context, op func() error) error {
+	if !m.staleObjects {
+		return op()
 	}
-	if err := m.ctx.Initialize(); err != nil {
-		return fmt.Errorf("pkcs11 module %s: C_Initialize to read objects again: %w", m.path, classify(err))
-	}
-	return nil
+	var err error
+	tries := 0
+	// Until runs op at once, then after each pause, and stops when ctx is
+	// done; op's last error is the answer, not Until's.
+	_ = busyBackoff.DelayFunc().Until(ctx, true, true, func(context.Context) (bool, error) {
+		err = op()
+		tries++
+		return !isRV(err, pkcs11.CKR_GENERAL_ERROR) || tries >= busyBackoff.Steps, nil
+	})
+	return err
 }
 
 // release drops one reference; the last one finalizes and unloads the

@@ -180,7 +180,7 @@ func (p *Provider) Refresh(ctx context.Context) error {
 
 // load is the KeyCache's load: one read of the token, checked.
 func (p *Provider) load(ctx context.Context) (*state, error) {
-	if err := p.freshen(); err != nil {
+	if err := p.freshen(ctx); err != nil {
 		return nil, fmt.Errorf("refresh: %w", err)
 	}
 	var snap snapshot
@@ -202,8 +202,8 @@ func (p *Provider) load(ctx context.Context) (*state, error) {
 // freshen makes the module see what other processes changed on the token
 // since this call began (a no-op for modules that see it anyway; see
 // module.staleObjects). Everything that reads key state calls it first.
-func (p *Provider) freshen() error {
-	return p.tok.mod.reinit(time.Now())
+func (p *Provider) freshen(ctx context.Context) error {
+	return p.tok.mod.reinit(ctx, time.Now())
 }
 
 // published logs the primary when it is first known or changes.
@@ -519,12 +519,33 @@ func (p *Provider) Versions(ctx context.Context) ([]providers.KeyVersion, error)
 
 // CreateVersion generates a new enabled, non-primary version. Its number is
 // reserved in the state object before the key is generated, so it is never
-// handed out twice even if the key object is later removed.
+// handed out twice even if the key object is later removed; a try that
+// failed on a busy store (see module.retryBusy) therefore leaves at most an
+// unused number and a lone half of a key pair, which is no version.
 func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, error) {
 	p.adminMu.Lock()
 	defer p.adminMu.Unlock()
-	if err := p.freshen(); err != nil {
+	var kv providers.KeyVersion
+	err := p.tok.mod.retryBusy(ctx, func() error {
+		var err error
+		kv, err = p.createVersion(ctx)
+		return err
+	})
+	if err != nil {
 		return providers.KeyVersion{}, fmt.Errorf("pkcs11 create version: %w", err)
+	}
+	p.logger.Info("created key version", "key_id", kv.KeyID)
+	// Reload, not Refresh: a refresh in flight may predate the write.
+	if err := p.keys.Reload(ctx); err != nil {
+		return kv, fmt.Errorf("pkcs11 create version %s: created, but %w", kv.KeyID, err)
+	}
+	return kv, nil
+}
+
+// createVersion is one try of CreateVersion, on freshly read token state.
+func (p *Provider) createVersion(ctx context.Context) (providers.KeyVersion, error) {
+	if err := p.freshen(ctx); err != nil {
+		return providers.KeyVersion{}, err
 	}
 	var kv providers.KeyVersion
 	err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
@@ -553,38 +574,32 @@ func (p *Provider) CreateVersion(ctx context.Context) (providers.KeyVersion, err
 		kv = providers.KeyVersion{KeyID: p.keyID(p.keyLabel(n)), State: providers.StateEnabled, Created: now}
 		return nil
 	})
-	if err != nil {
-		return providers.KeyVersion{}, fmt.Errorf("pkcs11 create version: %w", classify(err))
-	}
-	p.logger.Info("created key version", "key_id", kv.KeyID)
-	// Reload, not Refresh: a refresh in flight may predate the write.
-	if err := p.keys.Reload(ctx); err != nil {
-		return kv, fmt.Errorf("pkcs11 create version %s: created, but %w", kv.KeyID, err)
-	}
-	return kv, nil
+	return kv, classify(err)
 }
 
 // mutate runs fn on fresh token state for the version named keyID.
 func (p *Provider) mutate(ctx context.Context, op, keyID string, fn func(h pkcs11.SessionHandle, snap snapshot, st *state, v *version) error) error {
 	p.adminMu.Lock()
 	defer p.adminMu.Unlock()
-	if err := p.freshen(); err != nil {
-		return fmt.Errorf("pkcs11 %s %s: %w", op, keyID, err)
-	}
-	err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
-		snap, err := p.read(h)
-		if err != nil {
+	err := p.tok.mod.retryBusy(ctx, func() error {
+		if err := p.freshen(ctx); err != nil {
 			return err
 		}
-		st, err := p.toState(snap)
-		if err != nil {
-			return err
-		}
-		v, ok := st.byID[keyID]
-		if !ok {
-			return fmt.Errorf("key_id %q: no such key object on token %q: %w", keyID, p.cfg.TokenLabel, providers.ErrKeyNotFound)
-		}
-		return fn(h, snap, st, v)
+		return p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
+			snap, err := p.read(h)
+			if err != nil {
+				return err
+			}
+			st, err := p.toState(snap)
+			if err != nil {
+				return err
+			}
+			v, ok := st.byID[keyID]
+			if !ok {
+				return fmt.Errorf("key_id %q: no such key object on token %q: %w", keyID, p.cfg.TokenLabel, providers.ErrKeyNotFound)
+			}
+			return fn(h, snap, st, v)
+		})
 	})
 	if err != nil {
 		if !errors.Is(err, providers.ErrRefused) && !errors.Is(err, providers.ErrKeyNotFound) && !errors.Is(err, providers.ErrKeyDisabled) {

@@ -87,6 +87,7 @@ func TestTPM(t *testing.T) {
 		{"DisabledVersionNotServedFromCache", tpmDisabledCached},
 		{"FailedUnwrapsSpoilNoSession", tpmFailedUnwraps},
 		{"OtherProcessRotates", tpmOtherProcess},
+		{"StoreLockedByAnotherProcess", tpmStoreLocked},
 	} {
 		t.Run(c.name, func(t *testing.T) { c.run(t, labels) })
 	}
@@ -349,4 +350,48 @@ func tpmOtherProcess(t *testing.T, l *tpmLabels) {
 		t.Fatal(err)
 	}
 	otherProcessRotates(t, mustNew(t, cfg), cfg, 3)
+}
+
+// tpmStoreLocked: tpm2-pkcs11 keeps its objects in SQLite and sets no busy
+// timeout, so a plugin's C_Initialize (every Refresh) and kmsctl's object
+// writes fail with CKR_GENERAL_ERROR whenever the other process holds the
+// store's lock for a moment. Both must wait such a moment out: writes
+// while another process writes (it holds the write lock), and Refresh
+// while another process commits (it holds the exclusive lock).
+func tpmStoreLocked(t *testing.T, l *tpmLabels) {
+	p, _ := l.fresh(t)
+	ctx := testCtx(t)
+	const held = 400 * time.Millisecond
+
+	release := l.tp.LockStoreWrites(t)
+	time.AfterFunc(held, release)
+	start := time.Now()
+	kv, err := p.CreateVersion(ctx)
+	if err != nil {
+		t.Fatalf("CreateVersion while another process held the store for %v: %v", held, err)
+	}
+	t.Logf("CreateVersion waited out the lock: %v", time.Since(start).Round(time.Millisecond))
+
+	release = l.tp.LockStoreWrites(t)
+	time.AfterFunc(held, release)
+	if err := p.Promote(ctx, kv.KeyID); err != nil {
+		t.Fatalf("Promote while another process held the store for %v: %v", held, err)
+	}
+
+	release = l.tp.LockStore(t)
+	time.AfterFunc(held, release)
+	if err := p.Refresh(ctx); err != nil {
+		t.Fatalf("Refresh while another process held the store for %v: %v", held, err)
+	}
+	seed := providertest.Seed(t)
+	s, err := p.Encrypt(ctx, seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.KeyID != kv.KeyID {
+		t.Fatalf("Encrypt used %s, want the promoted %s", s.KeyID, kv.KeyID)
+	}
+	if got, err := p.Decrypt(ctx, s); err != nil || !bytes.Equal(got, seed) {
+		t.Fatalf("Decrypt after the locked Refresh: %v", err)
+	}
 }

@@ -88,7 +88,7 @@ func (tp TPM) ProviderYAML(keyLabel string) string {
 }
 
 // installHint is the one command that installs everything Start runs.
-const installHint = "apt-get install -y swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus (or make deps)"
+const installHint = "apt-get install -y swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools dbus sqlite3 (or make deps)"
 
 // moduleCandidates are where distributions install tpm2-pkcs11's module.
 var moduleCandidates = []string{
