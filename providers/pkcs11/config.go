@@ -25,6 +25,17 @@ const (
 	AlgorithmRSAOAEP = "RSA-OAEP-256"
 )
 
+// User types, the roles a PIN can log in as (pkcs11.userType).
+const (
+	// UserTypeUser is PKCS#11's normal user, CKU_USER: every token has it,
+	// and it may create objects (Thales Luna calls it Crypto Officer).
+	UserTypeUser = "user"
+	// UserTypeCryptoUser is Thales Luna's Crypto User (CKU_CRYPTO_USER,
+	// vendor-defined 0x80000001): it may use the partition's keys but not
+	// create, change or destroy objects.
+	UserTypeCryptoUser = "cryptoUser"
+)
+
 // Defaults for the RSA-OAEP-256 fields, the same as the azureKeyVault
 // provider's so a key means the same strength on either backend.
 const (
@@ -50,6 +61,12 @@ type Config struct {
 	// PinFile holds the user PIN (a trailing newline is ignored); it must not
 	// be readable by group or others.
 	PinFile string `json:"pinFile"`
+	// UserType is the role the PIN logs in as: UserTypeUser (default) or,
+	// on HSMs that have one, a role that may use keys but not create or
+	// change objects (UserTypeCryptoUser), for the plugin's config while
+	// kmsctl's own config logs in as the user that owns the keys. See
+	// docs/identities.md.
+	UserType string `json:"userType,omitempty"`
 	// KeyLabel is the prefix of the key objects' labels: versions are
 	// "<keyLabel>-1", "<keyLabel>-2", ...
 	KeyLabel string `json:"keyLabel"`
@@ -122,6 +139,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("pkcs11.keyLabel %q: %d bytes, at most %d allowed", c.KeyLabel, len(c.KeyLabel), maxKeyLabel)
 	case c.Sessions < 0:
 		return fmt.Errorf("pkcs11.sessions: %d; want 0 (default %d) or a positive pool size", c.Sessions, DefaultSessions)
+	case c.UserType != "" && c.UserType != UserTypeUser && c.UserType != UserTypeCryptoUser:
+		return fmt.Errorf("pkcs11.userType %q: want %s (default, PKCS#11's CKU_USER) or %s (Thales Luna's Crypto User, for the plugin's use-only login)", c.UserType, UserTypeUser, UserTypeCryptoUser)
 	}
 	if err := c.validateAlgorithm(); err != nil {
 		return err
@@ -190,6 +209,14 @@ func (c Config) keySize() int {
 // unwrapOptions shapes the RSA mode's Unwrapper from UnwrapCache.
 func (c Config) unwrapOptions() providers.UnwrapOptions {
 	return c.UnwrapCache.Options(c.disableCoalescing)
+}
+
+// userType is UserType with its default, for messages.
+func (c Config) userType() string {
+	if c.UserType == "" {
+		return UserTypeUser
+	}
+	return c.UserType
 }
 
 func (c Config) sessions() int {

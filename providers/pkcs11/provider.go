@@ -78,7 +78,7 @@ func open(cfg Config, logger hclog.Logger) (*Provider, error) {
 		return nil, err
 	}
 	p := &Provider{cfg: cfg, logger: logger}
-	p.tok = newToken(mod, cfg.TokenLabel, pin, cfg.sessions(), logger)
+	p.tok = newToken(mod, cfg, pin, logger)
 	p.keys = providers.NewKeyCache(p.load, p.published)
 	if cfg.rsa() {
 		p.unwrapper = providers.NewUnwrapper(cfg.unwrapOptions())
@@ -133,7 +133,7 @@ func Init(ctx context.Context, cfg Config, logger hclog.Logger) (providers.KeyVe
 	}
 	defer p.Close()
 	var kv providers.KeyVersion
-	err = p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
+	err = p.tok.doRW(ctx, func(h pkcs11.SessionHandle) error {
 		snap, err := p.read(h)
 		if err != nil {
 			return err
@@ -548,7 +548,7 @@ func (p *Provider) createVersion(ctx context.Context) (providers.KeyVersion, err
 		return providers.KeyVersion{}, err
 	}
 	var kv providers.KeyVersion
-	err := p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
+	err := p.tok.doRW(ctx, func(h pkcs11.SessionHandle) error {
 		snap, err := p.read(h)
 		if err != nil {
 			return err
@@ -585,7 +585,7 @@ func (p *Provider) mutate(ctx context.Context, op, keyID string, fn func(h pkcs1
 		if err := p.freshen(ctx); err != nil {
 			return err
 		}
-		return p.tok.do(ctx, func(h pkcs11.SessionHandle) error {
+		return p.tok.doRW(ctx, func(h pkcs11.SessionHandle) error {
 			snap, err := p.read(h)
 			if err != nil {
 				return err

@@ -275,7 +275,8 @@ func rawToken(t *testing.T, cfg Config) *token {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok := newToken(mod, cfg.TokenLabel, pin, 2, hclog.NewNullLogger())
+	cfg.Sessions = 2
+	tok := newToken(mod, cfg, pin, hclog.NewNullLogger())
 	t.Cleanup(func() { tok.close(); mod.release() })
 	return tok
 }
@@ -298,7 +299,7 @@ func TestRefusesUnsafeKeyObjects(t *testing.T) {
 				t.Fatal(err)
 			}
 			tok := rawToken(t, cfg)
-			err := tok.do(testCtx(t), func(h pkcs11.SessionHandle) error {
+			err := tok.doRW(testCtx(t), func(h pkcs11.SessionHandle) error {
 				_, err := tok.mod.ctx.GenerateKey(h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
 					pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 					pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
@@ -328,7 +329,7 @@ func TestRefusesUnsafeKeyObjects(t *testing.T) {
 
 func destroy(t *testing.T, tok *token, label string) {
 	t.Helper()
-	err := tok.do(testCtx(t), func(h pkcs11.SessionHandle) error {
+	err := tok.doRW(testCtx(t), func(h pkcs11.SessionHandle) error {
 		objs, err := findAll(tok.mod.ctx, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)})
 		if err != nil {
 			return err
@@ -472,7 +473,7 @@ func TestPINChangedUnderRunningProvider(t *testing.T) {
 		t.Fatal(err)
 	}
 	tok := rawToken(t, cfg)
-	err = tok.do(ctx, func(h pkcs11.SessionHandle) error {
+	err = tok.doRW(ctx, func(h pkcs11.SessionHandle) error {
 		return tok.mod.ctx.SetPIN(h, tok.pin, "a-new-pin-1234")
 	})
 	if err != nil {

@@ -27,7 +27,7 @@ type rsaPair struct {
 
 func plantRSA(t *testing.T, tok *token, k rsaPair) {
 	t.Helper()
-	err := tok.do(testCtx(t), func(h pkcs11.SessionHandle) error {
+	err := tok.doRW(testCtx(t), func(h pkcs11.SessionHandle) error {
 		_, _, err := tok.mod.ctx.GenerateKeyPair(h, rsaKeyGen, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
@@ -58,7 +58,7 @@ func plantRSAState(t *testing.T, cfg Config) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	err = p.tok.do(testCtx(t), func(h pkcs11.SessionHandle) error {
+	err = p.tok.doRW(testCtx(t), func(h pkcs11.SessionHandle) error {
 		return p.writeMeta(h, snapshot{}, meta{Primary: 1, HighWater: 1, Algorithm: AlgorithmRSAOAEP})
 	})
 	if err != nil {

@@ -23,7 +23,10 @@ type token struct {
 	mod    *module
 	label  string
 	pin    string
-	logger hclog.Logger
+	// user is the C_Login user type, and userName its config name.
+	user     uint
+	userName string
+	logger   hclog.Logger
 	// sem holds one value per session in use; its capacity bounds the pool.
 	sem chan struct{}
 
@@ -31,6 +34,9 @@ type token struct {
 	slot     uint
 	haveSlot bool
 	loggedIn bool
+	// open counts this token's open sessions: PKCS#11 ends an
+	// application's login when its last session closes.
+	open int
 	// gen counts resets; sessions opened before the latest reset are closed
 	// when they come back instead of being reused.
 	gen uint64
@@ -44,13 +50,31 @@ type token struct {
 	pinErr error
 }
 
+// session is one open session. Pooled sessions are read-only: serving
+// (wrap, unwrap, reading key state) writes nothing, so the plugin never
+// holds a session that could create or change an object. Writes (Init,
+// CreateVersion, Promote, Disable, Enable) each open a read/write session
+// of their own, closed afterwards.
 type session struct {
 	h   pkcs11.SessionHandle
 	gen uint64
+	rw  bool
 }
 
-func newToken(mod *module, label, pin string, size int, logger hclog.Logger) *token {
-	return &token{mod: mod, label: label, pin: pin, logger: logger, sem: make(chan struct{}, size)}
+// ckuCryptoUser is Thales Luna's CKU_CRYPTO_USER (CKU_LIMITED_USER).
+const ckuCryptoUser = 0x80000001
+
+// loginType is the C_Login user type cfg.UserType names.
+func loginType(cfg Config) uint {
+	if cfg.UserType == UserTypeCryptoUser {
+		return ckuCryptoUser
+	}
+	return pkcs11.CKU_USER
+}
+
+func newToken(mod *module, cfg Config, pin string, logger hclog.Logger) *token {
+	return &token{mod: mod, label: cfg.TokenLabel, pin: pin, user: loginType(cfg), userName: cfg.userType(),
+		logger: logger, sem: make(chan struct{}, cfg.sessions())}
 }
 
 // errKind says how the pool reacts to a PKCS#11 return value.
@@ -126,13 +150,23 @@ func spoiled(err error) error {
 	return spoiledError{err}
 }
 
-// do runs fn on a logged-in session of its own. When fn fails because the
-// session, the login or the device was lost, do repairs that and runs fn
-// once more; fn must therefore be safe to repeat. Other errors come back as
-// fn returned them; a session fn reports spoiled is closed, not reused.
-// The module cannot restart (reinit) while fn runs, so fn must not wait
-// for anything that does.
+// do runs fn on a logged-in read-only session of its own. When fn fails
+// because the session, the login or the device was lost, do repairs that
+// and runs fn once more; fn must therefore be safe to repeat. Other errors
+// come back as fn returned them; a session fn reports spoiled is closed,
+// not reused. The module cannot restart (reinit) while fn runs, so fn must
+// not wait for anything that does.
 func (t *token) do(ctx context.Context, fn func(h pkcs11.SessionHandle) error) error {
+	return t.run(ctx, false, fn)
+}
+
+// doRW is do on a new read/write session, for the calls that create,
+// change or destroy objects.
+func (t *token) doRW(ctx context.Context, fn func(h pkcs11.SessionHandle) error) error {
+	return t.run(ctx, true, fn)
+}
+
+func (t *token) run(ctx context.Context, rw bool, fn func(h pkcs11.SessionHandle) error) error {
 	select {
 	case t.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -144,7 +178,7 @@ func (t *token) do(ctx context.Context, fn func(h pkcs11.SessionHandle) error) e
 	var err error
 	for attempt := 0; attempt < 2; attempt++ {
 		var s session
-		if s, err = t.get(); err != nil {
+		if s, err = t.get(rw); err != nil {
 			if kindOf(err) == kindDeviceLost && attempt == 0 {
 				continue
 			}
@@ -193,8 +227,9 @@ func (t *token) release(s session, spoiled bool) {
 	t.put(s)
 }
 
-// get returns an idle session or opens (and if needed logs in) a new one.
-func (t *token) get() (session, error) {
+// get returns an idle read-only session or opens (and if needed logs in) a
+// new one; with rw, always a new read/write session.
+func (t *token) get(rw bool) (session, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -204,7 +239,7 @@ func (t *token) get() (session, error) {
 		return session{}, t.pinErr
 	}
 	t.syncModuleLocked()
-	if n := len(t.idle); n > 0 {
+	if n := len(t.idle); n > 0 && !rw {
 		s := t.idle[n-1]
 		t.idle = t.idle[:n-1]
 		return s, nil
@@ -216,17 +251,22 @@ func (t *token) get() (session, error) {
 		}
 		t.slot, t.haveSlot = slot, true
 	}
-	h, err := t.mod.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	flags := uint(pkcs11.CKF_SERIAL_SESSION)
+	if rw {
+		flags |= pkcs11.CKF_RW_SESSION
+	}
+	h, err := t.mod.ctx.OpenSession(t.slot, flags)
 	if err != nil {
 		if kindOf(err) == kindDeviceLost {
 			t.resetLocked()
 		}
 		return session{}, fmt.Errorf("open session on token %q: %w", t.label, err)
 	}
-	s := session{h: h, gen: t.gen}
+	t.open++
+	s := session{h: h, gen: t.gen, rw: rw}
 	if !t.loggedIn {
 		if err := t.loginLocked(h); err != nil {
-			_ = t.mod.ctx.CloseSession(h)
+			t.closeLocked(h)
 			return session{}, err
 		}
 	}
@@ -243,6 +283,7 @@ func (t *token) syncModuleLocked() {
 	}
 	t.modGen = t.mod.gen
 	t.idle = nil
+	t.open = 0
 	t.gen++
 	t.haveSlot = false
 	t.loggedIn = false
@@ -258,7 +299,13 @@ func (t *token) loginLocked(h pkcs11.SessionHandle) error {
 	if t.pinErr != nil {
 		return t.pinErr
 	}
-	err := t.mod.ctx.Login(h, pkcs11.CKU_USER, t.pin)
+	err := t.mod.ctx.Login(h, t.user, t.pin)
+	if isRV(err, pkcs11.CKR_USER_TYPE_INVALID) {
+		// Never retried either: the token has no such role.
+		t.pinErr = fmt.Errorf("login to token %q: the token has no %s role (CKR_USER_TYPE_INVALID); set pkcs11.userType to %s, or to a role this HSM offers: %w",
+			t.label, t.userName, UserTypeUser, providers.ErrPermissionDenied)
+		return t.pinErr
+	}
 	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
 		err = classify(err)
 		if errors.Is(err, providers.ErrPermissionDenied) {
@@ -320,19 +367,34 @@ func (t *token) findSlot() (uint, error) {
 	return 0, fmt.Errorf("%d tokens labelled %q in module %s; labels must be unique: %w", len(found), t.label, t.mod.path, providers.ErrUnavailable)
 }
 
-// put returns a healthy session to the pool.
+// put returns a healthy read-only session to the pool, and closes a
+// read/write one.
 func (t *token) put(s session) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.closed || s.gen != t.gen {
-		_ = t.mod.ctx.CloseSession(s.h)
+	if t.closed || s.gen != t.gen || s.rw {
+		t.closeLocked(s.h)
 		return
 	}
 	t.idle = append(t.idle, s)
 }
 
 // discard closes a broken session.
-func (t *token) discard(s session) { _ = t.mod.ctx.CloseSession(s.h) }
+func (t *token) discard(s session) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.closeLocked(s.h)
+}
+
+// closeLocked closes session h; after the last one the token is logged
+// out, so the next session logs in again.
+func (t *token) closeLocked(h pkcs11.SessionHandle) {
+	_ = t.mod.ctx.CloseSession(h)
+	if t.open--; t.open <= 0 {
+		t.open = 0
+		t.loggedIn = false
+	}
+}
 
 // reset forgets every session, the login and the slot after the device was
 // lost, unless another caller already did so since session s was opened.
@@ -347,7 +409,7 @@ func (t *token) reset(gen uint64) {
 
 func (t *token) resetLocked() {
 	for _, s := range t.idle {
-		_ = t.mod.ctx.CloseSession(s.h)
+		t.closeLocked(s.h)
 	}
 	t.idle = nil
 	t.gen++
@@ -360,7 +422,7 @@ func (t *token) close() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, s := range t.idle {
-		_ = t.mod.ctx.CloseSession(s.h)
+		t.closeLocked(s.h)
 	}
 	t.idle = nil
 	t.closed = true
