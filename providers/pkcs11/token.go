@@ -20,9 +20,9 @@ import (
 // under us, a lost login, a device that went away and came back (possibly
 // in another slot). Safe for concurrent use.
 type token struct {
-	mod    *module
-	label  string
-	pin    string
+	mod   *module
+	label string
+	pin   string
 	// user is the C_Login user type, and userName its config name.
 	user     uint
 	userName string
