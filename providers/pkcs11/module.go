@@ -148,7 +148,9 @@ var busyBackoff = wait.Backoff{Duration: 10 * time.Millisecond, Factor: 2, Jitte
 // reads the store) and its object writes fail at once, with that code,
 // whenever another process holds the store's lock: a plugin's Refresh
 // reading while kmsctl creates a version, or the other way round. op must
-// be safe to repeat after a partial failure.
+// be safe to repeat after a partial failure. An error that a retryBusy
+// inside op already retried (reinit's, within CreateVersion) is not
+// retried again, so nesting never multiplies the tries.
 func (m *module) retryBusy(ctx context.Context, op func() error) error {
 	if !m.staleObjects {
 		return op()
@@ -160,10 +162,18 @@ func (m *module) retryBusy(ctx context.Context, op func() error) error {
 	_ = busyBackoff.DelayFunc().Until(ctx, true, true, func(context.Context) (bool, error) {
 		err = op()
 		tries++
-		return !isRV(err, pkcs11.CKR_GENERAL_ERROR) || tries >= busyBackoff.Steps, nil
+		return !isRV(err, pkcs11.CKR_GENERAL_ERROR) || errors.As(err, new(retriedError)) || tries >= busyBackoff.Steps, nil
 	})
+	if isRV(err, pkcs11.CKR_GENERAL_ERROR) && !errors.As(err, new(retriedError)) {
+		err = retriedError{err}
+	}
 	return err
 }
+
+// retriedError marks a busy-store failure retryBusy gave up on.
+type retriedError struct{ error }
+
+func (e retriedError) Unwrap() error { return e.error }
 
 // release drops one reference; the last one finalizes and unloads the
 // library, so a later open (for example in the next test, with another
