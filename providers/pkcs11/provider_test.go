@@ -173,16 +173,7 @@ func TestFollowersSeePromote(t *testing.T) {
 	if got, _ := b.PrimaryKeyID(ctx); got != v.KeyID {
 		t.Fatalf("b's primary after Refresh = %s, want %s", got, v.KeyID)
 	}
-	s, err := b.Encrypt(ctx, seed)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s.KeyID != v.KeyID {
-		t.Fatalf("b encrypted with %s, want %s", s.KeyID, v.KeyID)
-	}
-	if got, err := a.Decrypt(ctx, s); err != nil || !bytes.Equal(got, seed) {
-		t.Fatalf("a cannot decrypt b's new ciphertext: %v", err)
-	}
+	roundTrip(t, b, a, seed, v.KeyID)
 
 	if err := a.Disable(ctx, old); err != nil {
 		t.Fatal(err)
@@ -260,6 +251,23 @@ func TestNewRefusesBadSetups(t *testing.T) {
 	p := mustNew(t, good)
 	if err := p.Check(testCtx(t)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// roundTrip encrypts seed with enc, checks it used key version want, and
+// checks dec decrypts it back.
+func roundTrip(t *testing.T, enc, dec providers.Provider, seed []byte, want string) {
+	t.Helper()
+	ctx := testCtx(t)
+	s, err := enc.Encrypt(ctx, seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.KeyID != want {
+		t.Fatalf("encrypted with %s, want %s", s.KeyID, want)
+	}
+	if got, err := dec.Decrypt(ctx, s); err != nil || !bytes.Equal(got, seed) {
+		t.Fatalf("cannot decrypt the ciphertext of %s: %v", want, err)
 	}
 }
 

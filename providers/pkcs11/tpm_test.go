@@ -383,15 +383,5 @@ func tpmStoreLocked(t *testing.T, l *tpmLabels) {
 	if err := p.Refresh(ctx); err != nil {
 		t.Fatalf("Refresh while another process held the store for %v: %v", held, err)
 	}
-	seed := providertest.Seed(t)
-	s, err := p.Encrypt(ctx, seed)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s.KeyID != kv.KeyID {
-		t.Fatalf("Encrypt used %s, want the promoted %s", s.KeyID, kv.KeyID)
-	}
-	if got, err := p.Decrypt(ctx, s); err != nil || !bytes.Equal(got, seed) {
-		t.Fatalf("Decrypt after the locked Refresh: %v", err)
-	}
+	roundTrip(t, p, p, providertest.Seed(t), kv.KeyID)
 }
