@@ -127,15 +127,44 @@ func readIdentityConfig(t *testing.T, name string) map[string]any {
 	return c
 }
 
+// providerSection is the config's provider.<kind> section.
+func providerSection(t *testing.T, c map[string]any, kind string) map[string]any {
+	t.Helper()
+	p, _ := c["provider"].(map[string]any)
+	s, ok := p[kind].(map[string]any)
+	if !ok {
+		t.Fatalf("config has no provider.%s section", kind)
+	}
+	return s
+}
+
 // azureSection is the config's provider.azureKeyVault section.
 func azureSection(t *testing.T, c map[string]any) map[string]any {
 	t.Helper()
-	p, _ := c["provider"].(map[string]any)
-	s, ok := p["azureKeyVault"].(map[string]any)
-	if !ok {
-		t.Fatal("config has no provider.azureKeyVault section")
+	return providerSection(t, c, "azureKeyVault")
+}
+
+// copyConfig returns a deep copy of a parsed config.
+func copyConfig(t *testing.T, shipped map[string]any) map[string]any {
+	t.Helper()
+	b, _ := yaml.Marshal(shipped)
+	var c map[string]any
+	if err := yaml.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
 	}
-	return s
+	return c
+}
+
+// writeConfig writes a parsed config to path, 0600.
+func writeConfig(t *testing.T, path string, c map[string]any) {
+	t.Helper()
+	out, err := yaml.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, out, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // authField is provider.azureKeyVault.auth.<field>.
@@ -155,11 +184,7 @@ func authField(t *testing.T, c map[string]any, field string) string {
 // address change; auth mode, tenant, client ID and key stay as shipped.
 func writeIdentityConfig(t *testing.T, path string, shipped map[string]any, kv *emulator.Emulator, secretFile, socket string) {
 	t.Helper()
-	b, _ := yaml.Marshal(shipped) // a deep copy
-	var c map[string]any
-	if err := yaml.Unmarshal(b, &c); err != nil {
-		t.Fatal(err)
-	}
+	c := copyConfig(t, shipped)
 	s := azureSection(t, c)
 	s["vaultURL"], s["caFile"] = kv.URL, kv.CAFile
 	a := s["auth"].(map[string]any)
@@ -167,13 +192,7 @@ func writeIdentityConfig(t *testing.T, path string, shipped map[string]any, kv *
 	if socket != "" {
 		c["socket"], c["health"] = socket, freeTCPAddr(t)
 	}
-	out, err := yaml.Marshal(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, out, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	writeConfig(t, path, c)
 }
 
 // writeSecret writes a random client secret to dir/name, 0600, and

@@ -1,12 +1,9 @@
 package main
 
 import (
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-
-	"sigs.k8s.io/yaml"
 
 	"github.com/kms-v2/kms-plugin/providers/pkcs11/pkcs11test"
 )
@@ -51,7 +48,7 @@ func TestPKCS11IdentityConfigsOnSoftHSM(t *testing.T) {
 		t.Fatalf("the refused commands changed the token:\nbefore %s\nafter %s", before, after)
 	}
 
-	provider(t, pluginShipped)["userType"] = "user"
+	providerSection(t, pluginShipped, "pkcs11")["userType"] = "user"
 	writePKCS11Identity(t, pe.config, pluginShipped, tk, pe.socket)
 	startPlugin(t, pe)
 	svc := client(t, pe)
@@ -73,39 +70,18 @@ func runStderr(t *testing.T, name string, args ...string) string {
 	return stderr
 }
 
-// provider is the config's provider.pkcs11 section.
-func provider(t *testing.T, c map[string]any) map[string]any {
-	t.Helper()
-	p, _ := c["provider"].(map[string]any)
-	s, ok := p["pkcs11"].(map[string]any)
-	if !ok {
-		t.Fatal("config has no provider.pkcs11 section")
-	}
-	return s
-}
-
 // writePKCS11Identity writes a shipped PKCS#11 identity config pointed at
 // the SoftHSM2 token tk: module, token label and PIN file change (on
 // SoftHSM2 both roles share the one user PIN), and for a plugin that
 // serves the socket and health address; userType and key label stay.
 func writePKCS11Identity(t *testing.T, path string, shipped map[string]any, tk pkcs11test.Token, socket string) {
 	t.Helper()
-	b, _ := yaml.Marshal(shipped) // a deep copy
-	var c map[string]any
-	if err := yaml.Unmarshal(b, &c); err != nil {
-		t.Fatal(err)
-	}
-	s := provider(t, c)
+	c := copyConfig(t, shipped)
+	s := providerSection(t, c, "pkcs11")
 	s["module"], s["tokenLabel"], s["pinFile"] = tk.Module, tk.Label, tk.PinFile
 	if socket != "" {
 		c["socket"], c["health"] = socket, freeTCPAddr(t)
 		c["refreshInterval"], c["checkInterval"] = "200ms", "200ms"
 	}
-	out, err := yaml.Marshal(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, out, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	writeConfig(t, path, c)
 }
