@@ -1,14 +1,12 @@
 package tpmtest
 
 import (
-	"bufio"
 	"io"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-	"time"
 )
 
 // storeDB is the SQLite database tpm2-pkcs11 keeps in its store directory.
@@ -38,7 +36,7 @@ func (tp TPM) LockStoreWrites(t testing.TB) (release func()) {
 func (tp TPM) lockStore(t testing.TB, kind string) (release func()) {
 	t.Helper()
 	bin := lookPaths(t, "sqlite3")["sqlite3"]
-	cmd := exec.Command(bin, "-batch", filepath.Join(tp.Dir, "store", storeDB))
+	cmd := exec.Command(bin, "-batch", "-bail", filepath.Join(tp.Dir, "store", storeDB))
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -52,27 +50,16 @@ func (tp TPM) lockStore(t testing.TB, kind string) (release func()) {
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("tpmtest: start sqlite3: %v", err)
 	}
-	// A second BEGIN would fail, so "locked" is printed only once the
-	// exclusive lock is ours.
+	// BEGIN IMMEDIATE or EXCLUSIVE takes the lock or fails, and -bail
+	// ends the shell at a failure, so "locked" is printed only once the
+	// lock is ours.
 	if _, err := io.WriteString(in, "BEGIN "+kind+";\nSELECT 'locked';\n"); err != nil {
 		t.Fatalf("tpmtest: sqlite3: %v", err)
 	}
-	line := make(chan string, 1)
-	go func() {
-		s, _ := bufio.NewReader(out).ReadString('\n')
-		line <- strings.TrimSpace(s)
-	}()
-	select {
-	case s := <-line:
-		if s != "locked" {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-			t.Fatalf("tpmtest: sqlite3 did not lock the token store (printed %q): %s", s, stderr.String())
-		}
-	case <-time.After(startTimeout):
+	if s, ok := firstLine(out, startTimeout); s != "locked" {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
-		t.Fatalf("tpmtest: sqlite3 did not lock the token store within %v: %s", startTimeout, stderr.String())
+		t.Fatalf("tpmtest: sqlite3 did not lock the token store within %v (printed %q, in time: %v): %s", startTimeout, s, ok, stderr.String())
 	}
 	var once sync.Once
 	release = func() {

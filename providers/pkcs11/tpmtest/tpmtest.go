@@ -347,26 +347,35 @@ func (p *proc) await(t testing.TB, what string, ready func() bool) {
 // readLine reads the first line p writes to r, within startTimeout.
 func readLine(t testing.TB, p *proc, r io.Reader) string {
 	t.Helper()
-	line := make(chan string, 1)
-	go func() {
-		s, _ := bufio.NewReader(r).ReadString('\n')
-		line <- strings.TrimSpace(s)
-	}()
-	select {
-	case s := <-line:
-		if s != "" {
-			return s
-		}
+	s, ok := firstLine(r, startTimeout)
+	switch {
+	case !ok:
+		t.Fatalf("tpmtest: %s printed no address within %v; its output:\n%s", p.name, startTimeout, tail(p.log))
+	case s == "":
 		// The writer closed its end without a line: it is exiting.
 		select {
 		case <-p.done:
 		case <-time.After(stopGrace):
 		}
 		t.Fatalf("tpmtest: %s printed no address (exit: %v); its output:\n%s", p.name, p.err, tail(p.log))
-	case <-time.After(startTimeout):
-		t.Fatalf("tpmtest: %s printed no address within %v; its output:\n%s", p.name, startTimeout, tail(p.log))
 	}
-	return ""
+	return s
+}
+
+// firstLine reads r's first line, trimmed (empty if r ends first); ok is
+// false if neither happened within d.
+func firstLine(r io.Reader, d time.Duration) (line string, ok bool) {
+	lines := make(chan string, 1)
+	go func() {
+		s, _ := bufio.NewReader(r).ReadString('\n')
+		lines <- strings.TrimSpace(s)
+	}()
+	select {
+	case s := <-lines:
+		return s, true
+	case <-time.After(d):
+		return "", false
+	}
 }
 
 // nameHasOwner reports whether name is owned on the session bus of env.
