@@ -581,26 +581,7 @@ func (p *Provider) createVersion(ctx context.Context) (providers.KeyVersion, err
 func (p *Provider) mutate(ctx context.Context, op, keyID string, fn func(h pkcs11.SessionHandle, snap snapshot, st *state, v *version) error) error {
 	p.adminMu.Lock()
 	defer p.adminMu.Unlock()
-	err := p.tok.mod.retryBusy(ctx, func() error {
-		if err := p.freshen(ctx); err != nil {
-			return err
-		}
-		return p.tok.doRW(ctx, func(h pkcs11.SessionHandle) error {
-			snap, err := p.read(h)
-			if err != nil {
-				return err
-			}
-			st, err := p.toState(snap)
-			if err != nil {
-				return err
-			}
-			v, ok := st.byID[keyID]
-			if !ok {
-				return fmt.Errorf("key_id %q: no such key object on token %q: %w", keyID, p.cfg.TokenLabel, providers.ErrKeyNotFound)
-			}
-			return fn(h, snap, st, v)
-		})
-	})
+	err := p.tok.mod.retryBusy(ctx, func() error { return p.mutateOnce(ctx, keyID, fn) })
 	if err != nil {
 		if !errors.Is(err, providers.ErrRefused) && !errors.Is(err, providers.ErrKeyNotFound) && !errors.Is(err, providers.ErrKeyDisabled) {
 			err = classify(err)
@@ -613,6 +594,28 @@ func (p *Provider) mutate(ctx context.Context, op, keyID string, fn func(h pkcs1
 		return fmt.Errorf("pkcs11 %s %s: done, but %w", op, keyID, err)
 	}
 	return nil
+}
+
+// mutateOnce is one try of mutate, on freshly read token state.
+func (p *Provider) mutateOnce(ctx context.Context, keyID string, fn func(h pkcs11.SessionHandle, snap snapshot, st *state, v *version) error) error {
+	if err := p.freshen(ctx); err != nil {
+		return err
+	}
+	return p.tok.doRW(ctx, func(h pkcs11.SessionHandle) error {
+		snap, err := p.read(h)
+		if err != nil {
+			return err
+		}
+		st, err := p.toState(snap)
+		if err != nil {
+			return err
+		}
+		v, ok := st.byID[keyID]
+		if !ok {
+			return fmt.Errorf("key_id %q: no such key object on token %q: %w", keyID, p.cfg.TokenLabel, providers.ErrKeyNotFound)
+		}
+		return fn(h, snap, st, v)
+	})
 }
 
 // Promote makes an enabled version the primary, by rewriting the state

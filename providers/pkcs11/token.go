@@ -23,9 +23,9 @@ type token struct {
 	mod   *module
 	label string
 	pin   string
-	// user is the C_Login user type, and userName its config name.
-	user     uint
-	userName string
+	// userType is the role C_Login logs in as (pkcs11.userType, default
+	// filled in).
+	userType string
 	logger   hclog.Logger
 	// sem holds one value per session in use; its capacity bounds the pool.
 	sem chan struct{}
@@ -64,16 +64,16 @@ type session struct {
 // ckuCryptoUser is Thales Luna's CKU_CRYPTO_USER (CKU_LIMITED_USER).
 const ckuCryptoUser = 0x80000001
 
-// loginType is the C_Login user type cfg.UserType names.
-func loginType(cfg Config) uint {
-	if cfg.UserType == UserTypeCryptoUser {
+// loginType is the C_Login user type a pkcs11.userType names.
+func loginType(userType string) uint {
+	if userType == UserTypeCryptoUser {
 		return ckuCryptoUser
 	}
 	return pkcs11.CKU_USER
 }
 
 func newToken(mod *module, cfg Config, pin string, logger hclog.Logger) *token {
-	return &token{mod: mod, label: cfg.TokenLabel, pin: pin, user: loginType(cfg), userName: cfg.userType(),
+	return &token{mod: mod, label: cfg.TokenLabel, pin: pin, userType: cfg.userType(),
 		logger: logger, sem: make(chan struct{}, cfg.sessions())}
 }
 
@@ -299,11 +299,11 @@ func (t *token) loginLocked(h pkcs11.SessionHandle) error {
 	if t.pinErr != nil {
 		return t.pinErr
 	}
-	err := t.mod.ctx.Login(h, t.user, t.pin)
+	err := t.mod.ctx.Login(h, loginType(t.userType), t.pin)
 	if isRV(err, pkcs11.CKR_USER_TYPE_INVALID) {
 		// Never retried either: the token has no such role.
 		t.pinErr = fmt.Errorf("login to token %q: the token has no %s role (CKR_USER_TYPE_INVALID); set pkcs11.userType to %s, or to a role this HSM offers: %w",
-			t.label, t.userName, UserTypeUser, providers.ErrPermissionDenied)
+			t.label, t.userType, UserTypeUser, providers.ErrPermissionDenied)
 		return t.pinErr
 	}
 	if err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
